@@ -1,0 +1,24 @@
+"""didicm: Discrete Diffusion Classification Modeling.
+
+A discrete diffusion over class labels, conditioned on the image, models p(class | image).
+"""
+
+from .diffusion import (
+    CLSampler,
+    CPSampler,
+    GeometricSchedule,
+    LogLinearSchedule,
+    NoiseSchedule,
+    UniformDiffusion,
+    create_schedule,
+    score_entropy,
+)
+from .errors import CheckpointError, ConfigError, DataError, DidicmError, InputError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CLSampler", "CPSampler", "CheckpointError", "ConfigError", "DataError", "DidicmError",
+    "GeometricSchedule", "InputError", "LogLinearSchedule", "NoiseSchedule", "UniformDiffusion",
+    "create_schedule", "score_entropy",
+]
