@@ -1,0 +1,158 @@
+"""Prediction and evaluation: turn a model into class probabilities, and those into metrics.
+
+A *sampler spec* names how probabilities are made: ``cp:8`` (CP, 8 steps), ``cp:8:max`` (label mode),
+``cp:8:min:official`` (the official time grid), ``cl:8x10`` (CL, 8 steps, 10 chains), ``mean`` (one pass of a
+'mean'-parametrized model), ``classifier`` (softmax of a plain classifier's logits).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .diffusion import CLSampler, CPSampler, UniformDiffusion
+from .diffusion.samplers import CP_MODES, GRIDS
+from .errors import ConfigError
+from .metrics import MetricAccumulator
+
+__all__ = ["SamplerSpec", "parse_sampler", "predict", "evaluate"]
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    kind: str  # cp | cl | mean | classifier
+    steps: int = 8
+    chains: int = 10
+    mode: str = "min"
+    grid: str = "consistent"
+    eps: float = 1e-5
+
+    @property
+    def name(self) -> str:
+        if self.kind == "cp":
+            suffix = (f":{self.mode}" if self.mode != "min" or self.grid != "consistent" else "") + \
+                (f":{self.grid}" if self.grid != "consistent" else "")
+            return f"cp:{self.steps}{suffix}"
+        if self.kind == "cl":
+            return f"cl:{self.steps}x{self.chains}" + (f":{self.grid}" if self.grid != "consistent" else "")
+        return self.kind
+
+    @property
+    def evaluations_per_image(self) -> int:
+        return {"cp": self.steps, "cl": self.steps * self.chains}.get(self.kind, 1)
+
+    def build(self, diffusion: UniformDiffusion):
+        if self.kind == "cp":
+            return CPSampler(diffusion, steps=self.steps, eps=self.eps, mode=self.mode, grid=self.grid)
+        if self.kind == "cl":
+            return CLSampler(diffusion, steps=self.steps, eps=self.eps, chains=self.chains, grid=self.grid)
+        raise ConfigError(f"sampler {self.name!r} is not a diffusion sampler")
+
+
+def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
+    """Parse 'cp:8', 'cp:8:max', 'cp:8:min:official', 'cl:8x10', 'mean' or 'classifier'."""
+    parts = text.strip().lower().split(":")
+    kind = parts[0]
+    try:
+        if kind in ("mean", "classifier") and len(parts) == 1:
+            return SamplerSpec(kind, steps=1, eps=eps)
+        if kind == "cp" and 2 <= len(parts) <= 4:
+            mode = parts[2] if len(parts) > 2 else "min"
+            grid = parts[3] if len(parts) > 3 else "consistent"
+            if mode not in CP_MODES or grid not in GRIDS:
+                raise ValueError
+            spec = SamplerSpec("cp", steps=int(parts[1]), mode=mode, grid=grid, eps=eps)
+        elif kind == "cl" and 2 <= len(parts) <= 3:
+            steps, _, chains = parts[1].partition("x")
+            grid = parts[2] if len(parts) > 2 else "consistent"
+            if grid not in GRIDS:
+                raise ValueError
+            spec = SamplerSpec("cl", steps=int(steps), chains=int(chains or 10), grid=grid, eps=eps)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"cannot read sampler {text!r}; examples: cp:8, cp:2:max, cp:8:min:official, cl:8x10, "
+                          "mean, classifier") from None
+    if spec.steps <= 0 or spec.chains <= 0:
+        raise ConfigError(f"sampler {text!r}: steps and chains must be positive")
+    return spec
+
+
+def _is_diffusion(model) -> bool:
+    return hasattr(model, "score") and hasattr(model, "encode")
+
+
+@torch.no_grad()
+def predict(model, images: torch.Tensor, spec: SamplerSpec, diffusion: UniformDiffusion | None = None,
+            generator: torch.Generator | None = None, return_trajectory: bool = False, features=None):
+    """Class probabilities [B, K] for a batch (and the CP trajectory [B, S+1, K] / CL chains if asked).
+
+    ``features``: the output of ``model.encode(images)`` if already computed (shared across samplers).
+    """
+    if spec.kind == "classifier":
+        if _is_diffusion(model):
+            raise ConfigError("sampler 'classifier' is for plain classifiers; use cp:S, cl:SxN or mean for DiDiCM")
+        probs = torch.softmax(model(images).float(), dim=1)
+        return (probs, probs[:, None]) if return_trajectory else probs
+    if not _is_diffusion(model):
+        raise ConfigError(f"sampler {spec.name!r} needs a DiDiCM model; this model is a plain classifier "
+                          "(use --sampler classifier)")
+    if spec.kind == "mean":
+        if getattr(model, "parametrization", "score") != "mean":
+            raise ConfigError("sampler 'mean' needs a model trained with parametrization 'mean'")
+        probs = torch.softmax(model.clean_logits(images).float(), dim=1)
+        return (probs, probs[:, None]) if return_trajectory else probs
+    if diffusion is None:
+        raise ConfigError(f"sampler {spec.name!r} needs the diffusion (schedule) the model was trained with")
+    z = model.encode(images) if features is None else features
+    return spec.build(diffusion).run(model.score, z, generator=generator, return_trajectory=return_trajectory)
+
+
+@torch.no_grad()
+def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusion | None = None,
+             seed: int = 0, num_classes: int | None = None) -> dict[str, dict]:
+    """Metrics for each sampler on the same images, encoding each batch once.
+
+    Returns {spec name: {top1, top5, nll, ece, brier, entropy, aurc, images_per_second,
+    evaluations_per_image, seconds, count, [step_top1 for CP: top-1 after each step of the one run]}}.
+    """
+    model.eval()
+    accumulators = {spec.name: MetricAccumulator() for spec in specs}
+    seconds = {spec.name: 0.0 for spec in specs}
+    step_correct = {spec.name: None for spec in specs}
+    count = 0
+    generator = None
+    for images, labels in batches:
+        device = images.device
+        if generator is None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        started = time.perf_counter()
+        features = model.encode(images) if _is_diffusion(model) and any(s.kind in ("cp", "cl") for s in specs) \
+            else None
+        encode_time = time.perf_counter() - started
+        for spec in specs:
+            started = time.perf_counter()
+            want_steps = spec.kind == "cp"
+            out = predict(model, images, spec, diffusion, generator, return_trajectory=want_steps,
+                          features=features)
+            probs, trajectory = out if want_steps else (out, None)
+            seconds[spec.name] += time.perf_counter() - started + (encode_time if features is not None else 0.0)
+            if num_classes is not None and probs.shape[1] != num_classes:
+                raise ConfigError(f"model predicts {probs.shape[1]} classes but the data set has {num_classes}")
+            accumulators[spec.name].update(probs.cpu(), labels.cpu())
+            if trajectory is not None:
+                correct = (trajectory.argmax(dim=2) == labels[:, None]).sum(dim=0).cpu()
+                previous = step_correct[spec.name]
+                step_correct[spec.name] = correct if previous is None else previous + correct
+        count += labels.shape[0]
+    results = {}
+    for spec in specs:
+        metrics = accumulators[spec.name].compute()
+        metrics.update(images_per_second=count / max(seconds[spec.name], 1e-9), seconds=seconds[spec.name],
+                       evaluations_per_image=spec.evaluations_per_image, count=count, sampler=spec.name)
+        if step_correct[spec.name] is not None:
+            metrics["step_top1"] = (100.0 * step_correct[spec.name].double() / count).tolist()
+        results[spec.name] = metrics
+    return results

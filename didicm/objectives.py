@@ -1,0 +1,67 @@
+"""Per-batch training objectives: (model, images, targets) -> per-example loss [B].
+
+DiDiCM draws one (t, c_t) per image and scores it with score entropy; the cross-entropy arm (the twin,
+or any timm classifier) is the plain classification loss. Both accept hard labels [B] or soft targets
+[B, K] (mixup/cutmix).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .diffusion import UniformDiffusion, score_entropy
+
+__all__ = ["draw_times", "diffusion_loss", "cross_entropy_loss"]
+
+
+def draw_times(batch: int, t_min: float, sampling: str, generator: torch.Generator | None = None,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """t in [t_min, 1], [B] float32. 'antithetic' stratifies U(0, 1) over the batch (one draw per 1/B-wide
+    stratum, shuffled), which keeps the batch's t spread even and lowers the loss's variance."""
+    u = torch.rand(batch, generator=generator, device=device)
+    if sampling == "antithetic":
+        strata = torch.randperm(batch, generator=generator, device=device).float()
+        u = (strata + u) / batch
+    return t_min + (1.0 - t_min) * u
+
+
+def diffusion_loss(model, diffusion: UniformDiffusion, images: torch.Tensor, targets: torch.Tensor,
+                   t_min: float = 1e-5, t_sampling: str = "uniform", ce_weight: float = 0.0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Score entropy at one random (t, c_t) per image.
+
+    Args:
+        model: ``model(x, c, sigma) -> log_score [B, K]``.
+        images: [B, ...] input batch. targets: [B] int hard labels or [B, K] float soft labels.
+        ce_weight: for 'mean' models, adds ce_weight * cross-entropy of the clean logits (hybrid loss).
+    Returns:
+        [B] float, per-example loss.
+    """
+    batch, device = images.shape[0], images.device
+    t = draw_times(batch, t_min, t_sampling, generator, device)
+    sigma, dsigma = diffusion.schedule(t)
+    if targets.ndim == 1:
+        c_t = diffusion.sample_labels(targets, sigma, generator=generator)
+        labels, probs = targets, None
+    else:
+        # Drawing c0 from the soft label, then noising it, samples c_t from p_t exactly.
+        c0 = torch.multinomial(targets.float(), 1, generator=generator).squeeze(1)
+        c_t = diffusion.sample_labels(c0, sigma, generator=generator)
+        labels, probs = None, targets
+    log_score = model(images, c_t, sigma)
+    loss = score_entropy(log_score, c_t, sigma, dsigma, labels=labels, probs=probs)
+    if ce_weight > 0:
+        # Hybrid loss (study arm): anchors the mean readout to cross-entropy; costs one extra forward pass.
+        loss = loss + ce_weight * cross_entropy_loss(model.clean_logits(images), targets)
+    return loss
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """[B] cross-entropy for hard labels [B] or soft targets [B, K]."""
+    logits = logits.float()
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing, reduction="none")
+    if label_smoothing > 0:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[1]
+    return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1)

@@ -1,0 +1,354 @@
+"""The training loop: DiDiCM (score entropy) or a cross-entropy classifier, one config, resumable.
+
+Determinism: before each optimizer step every RNG (torch, numpy, python) is seeded from (seed, step, rank),
+and the data stream is a pure function of (seed, step) (see didicm.loader). A checkpoint therefore only needs
+the weights, the optimizer and EMA state and the step: resuming reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.data import Mixup
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+
+from . import models as model_zoo
+from .checkpoint import (
+    flatten_optimizer_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unflatten_optimizer_state,
+)
+from .config import TrainConfig
+from .data import create_dataset
+from .diffusion import UniformDiffusion, create_schedule
+from .errors import CheckpointError, ConfigError, DidicmError
+from .evaluation import SamplerSpec, evaluate
+from .loader import TrainStream, eval_batches, mix_seed
+from .objectives import cross_entropy_loss, diffusion_loss
+
+__all__ = ["TrainingError", "TrainResult", "train", "build_model", "diffusion_from_config", "resolve_device",
+           "load_trained_model", "default_eval_specs"]
+
+
+class TrainingError(DidicmError, RuntimeError):
+    """Training cannot go on (for example, too many consecutive non-finite losses)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: torch.nn.Module  # the weights evaluation should use (the EMA copy when EMA is on)
+    diffusion: UniformDiffusion | None  # None for cross-entropy models
+    metrics: dict
+    steps_done: int
+    bad_steps: int
+    seconds: float
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+def diffusion_from_config(diffusion_cfg: dict, num_classes: int) -> UniformDiffusion:
+    if diffusion_cfg["schedule"] == "loglinear":
+        schedule = create_schedule("loglinear", eps=diffusion_cfg["schedule_eps"])
+    else:
+        schedule = create_schedule(diffusion_cfg["schedule"], sigma_min=diffusion_cfg["sigma_min"],
+                                   sigma_max=diffusion_cfg["sigma_max"])
+    return UniformDiffusion(num_classes, schedule)
+
+
+def build_model(name: str, num_classes: int, in_chans: int, kwargs: dict | None = None) -> torch.nn.Module:
+    return model_zoo.create(name, num_classes=num_classes, in_chans=in_chans, **(kwargs or {}))
+
+
+def default_eval_specs(model, eval_cfg) -> list[SamplerSpec]:
+    """The sampler of the config for DiDiCM models; the softmax for classifiers."""
+    if not model_zoo.is_diffusion_model(model):
+        return [SamplerSpec("classifier")]
+    if eval_cfg["sampler"] == "mean":
+        return [SamplerSpec("mean")]
+    return [SamplerSpec(eval_cfg["sampler"], steps=eval_cfg["steps"], chains=eval_cfg["chains"],
+                        mode=eval_cfg["mode"], grid=eval_cfg["grid"], eps=eval_cfg["eps"])]
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    random.seed(seed)
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def _write_csv_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _open_tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: only if tensorboard is installed
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=print,
+          fault_after_steps: int | None = None) -> TrainResult:
+    """Train the model of ``config``; write checkpoints, a CSV log and the final model under config.output.
+
+    Args:
+        resume: continue from the newest complete checkpoint in the output folder (bit-for-bit the same run).
+        fault_after_steps: testing hook: raise KeyboardInterrupt after this many steps of this call.
+    """
+    cfg = config.validate()
+    started = time.perf_counter()
+    rank, world = _distributed()
+    main = rank == 0
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    run_dir = Path(cfg.output)
+    ckpt_dir = run_dir / "checkpoints"
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.optim.batch_size % world:
+        raise ConfigError(f"optim.batch_size {cfg.optim.batch_size} must be divisible by the {world} processes")
+
+    d = cfg.data
+    common = dict(root=d.root, image_size=d.image_size, degradation=d.degradation, data_ratio=d.data_ratio,
+                  val_size=d.val_size, seed=d.split_seed, on_bad_image=d.on_bad_image)
+    train_set = create_dataset(d.dataset, "train", augment=d.augment, **common)
+    val_set = create_dataset(d.dataset, "val", augment=False, **common)
+    num_classes, in_chans = train_set.num_classes, train_set.in_chans
+
+    torch.manual_seed(cfg.seed)  # model initialisation
+    model = build_model(cfg.model.name, num_classes, in_chans, cfg.model.kwargs).to(device)
+    is_diffusion = model_zoo.is_diffusion_model(model)
+    diffusion = diffusion_from_config(cfg.to_dict()["diffusion"], num_classes) if is_diffusion else None
+    optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                    momentum=cfg.optim.momentum)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.optim.sched, num_epochs=cfg.optim.steps,
+                                       warmup_epochs=cfg.optim.warmup_steps, min_lr=cfg.optim.min_lr,
+                                       warmup_lr=cfg.optim.lr * 1e-2)
+    ema = ModelEmaV3(model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    mix = cfg.optim.mixup > 0 or cfg.optim.cutmix > 0
+    mixup = Mixup(mixup_alpha=cfg.optim.mixup, cutmix_alpha=cfg.optim.cutmix, label_smoothing=0.0,
+                  num_classes=num_classes) if mix else None
+    if mix and (cfg.optim.batch_size // world) % 2:
+        raise ConfigError("mixup/cutmix need an even per-process batch size")
+
+    start_step, bad_total = 0, 0
+    if resume:
+        found = latest_checkpoint(run_dir)
+        if found is not None:
+            start_step, bad_total = _restore(found, model, optimizer, ema, cfg)
+            if main:
+                log(f"resuming from {found} at step {start_step}")
+
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                                                else None)
+    use_amp = cfg.optim.amp and device.type == "cuda"
+    stream = TrainStream(train_set, cfg.optim.batch_size, cfg.seed, rank, world, d.num_workers, device)
+    log_path = run_dir / "log.csv"
+    writer = _open_tensorboard(run_dir) if main else None
+    meta_base = dict(config=cfg.to_dict(), classes=list(train_set.classes), num_classes=num_classes,
+                     in_chans=in_chans, image_size=train_set.image_size, model_name=cfg.model.name,
+                     model_kwargs=cfg.model.kwargs, method="didicm" if is_diffusion else "classifier",
+                     world_size=world)
+
+    bar = None
+    if progress and main:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.optim.steps, initial=start_step, desc="train", dynamic_ncols=True, leave=False)
+    consecutive_bad, step, running = 0, start_step, None
+    train_model.train()
+    for images, targets in stream.batches(start_step, cfg.optim.steps):
+        _seed_everything(mix_seed(cfg.seed, 2, step, rank))
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        scheduler.step(step)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            if is_diffusion:
+                loss = diffusion_loss(train_model, diffusion, images, targets, t_min=cfg.diffusion.t_min,
+                                      t_sampling=cfg.diffusion.t_sampling, ce_weight=cfg.diffusion.ce_weight)
+            else:
+                loss = cross_entropy_loss(train_model(images), targets, cfg.optim.label_smoothing)
+            loss = loss.mean()
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if world > 1:  # every process must agree to skip, or DDP's collectives would hang
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        optimizer.zero_grad(set_to_none=True)
+        if finite.item() < 1:
+            consecutive_bad += 1
+            bad_total += 1
+            if main:
+                log(f"step {step}: non-finite loss ({loss.item()}), step skipped "
+                    f"({consecutive_bad} in a row, {bad_total} in all)")
+            if consecutive_bad >= cfg.optim.max_bad_steps:
+                raise TrainingError(
+                    f"{consecutive_bad} consecutive non-finite losses at step {step}: training stopped. "
+                    "Check the inputs for NaN/Inf, lower optim.lr, or set optim.clip_grad; the last complete "
+                    f"checkpoint is in {ckpt_dir}")
+        else:
+            consecutive_bad = 0
+            loss.backward()
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            if ema is not None:
+                ema.update(model, step=step)
+            value = loss.item()
+            running = value if running is None else 0.95 * running + 0.05 * value
+        step += 1
+        if main:
+            lr = optimizer.param_groups[0]["lr"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}" if running is not None else "nan", lr=f"{lr:.2e}")
+            if step % 10 == 0 or step == cfg.optim.steps:
+                _write_csv_row(log_path, dict(step=step, epoch=round(stream.epoch_of(step), 4), loss=running,
+                                              lr=lr, bad_steps=bad_total,
+                                              seconds=round(time.perf_counter() - started, 3)))
+                if writer is not None:
+                    writer.add_scalar("train/loss", running or float("nan"), step)
+            if step % cfg.checkpoint_every == 0 and step < cfg.optim.steps:
+                _save_state(ckpt_dir, step, model, optimizer, ema, meta_base, bad_total, cfg.keep_checkpoints,
+                            stream.epoch_of(step))
+        if fault_after_steps is not None and step - start_step >= fault_after_steps:
+            raise KeyboardInterrupt(f"fault injected after step {step}")
+    if bar is not None:
+        bar.close()
+
+    train_seconds = time.perf_counter() - started
+    final = ema.module if ema is not None else model
+    metrics = {}
+    if main:
+        _save_state(ckpt_dir, step, model, optimizer, ema, meta_base, bad_total, cfg.keep_checkpoints,
+                    stream.epoch_of(step))
+        specs = default_eval_specs(final, cfg.to_dict()["eval"])
+        results = evaluate(final, eval_batches(val_set, cfg.eval.batch_size, device), specs, diffusion,
+                           seed=cfg.seed, num_classes=num_classes)
+        metrics = {"val": results, "train_seconds": round(train_seconds, 2), "bad_steps": bad_total}
+        save_checkpoint(run_dir / "model.safetensors", {f"model/{k}": v for k, v in final.state_dict().items()},
+                        dict(meta_base, kind="model", step=step, metrics=metrics))
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+    return TrainResult(run_dir, final, diffusion, metrics, step, bad_total, time.perf_counter() - started)
+
+
+def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict, bad_total: int, keep: int,
+                epoch: float) -> None:
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    optim_tensors, optim_rest = flatten_optimizer_state(optimizer.state_dict())
+    tensors.update({f"optim/{k}": v for k, v in optim_tensors.items()})
+    if ema is not None:
+        tensors.update({f"ema/{k}": v for k, v in ema.module.state_dict().items()})
+    save_checkpoint(ckpt_dir / f"step_{step:08d}.safetensors", tensors,
+                    dict(meta_base, kind="train_state", step=step, epoch=epoch, bad_steps=bad_total,
+                         optimizer=optim_rest))
+    steps = sorted(p for p in ckpt_dir.glob("step_*.json"))
+    for old in steps[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+
+
+def _restore(path: Path, model, optimizer, ema, cfg: TrainConfig) -> tuple[int, int]:
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    if meta.get("model_name") != cfg.model.name:
+        raise CheckpointError(f"cannot resume: {path} holds model {meta.get('model_name')!r} but the config asks "
+                              f"for {cfg.model.name!r}; use another output folder or the same model")
+    _load_state(model, ckpt.section("model"), path)
+    optimizer.load_state_dict(unflatten_optimizer_state(ckpt.section("optim"), meta["optimizer"]))
+    if ema is not None:
+        section = ckpt.section("ema")
+        if not section:
+            raise CheckpointError(f"cannot resume with EMA from {path}: it was saved without EMA")
+        _load_state(ema.module, section, path)
+    return int(meta["step"]), int(meta.get("bad_steps", 0))
+
+
+def _load_state(model: torch.nn.Module, state: dict, path) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        details = []
+        if wrong:
+            k = wrong[0]
+            details.append(f"{len(wrong)} shape mismatches (first: {k} is {tuple(state[k].shape)} in the checkpoint, "
+                           f"{tuple(own[k].shape)} in the model)")
+        if missing:
+            details.append(f"{len(missing)} missing tensors (first: {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected tensors (first: {unexpected[0]})")
+        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(details) +
+                              ". Check --model, its options and the class count against the checkpoint's .json")
+    model.load_state_dict(state)
+
+
+def load_trained_model(path, device: torch.device | str = "cpu", num_classes: int | None = None):
+    """(model in eval mode, diffusion or None, checkpoint meta) from a final model or a training checkpoint."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt.meta
+    if meta.get("format") == "foreign":
+        raise CheckpointError(f"{path} is a plain state dict without a didicm description; didicm eval/predict "
+                              "need a checkpoint written by didicm train")
+    if num_classes is not None and meta["num_classes"] != num_classes:
+        raise CheckpointError(f"checkpoint {ckpt.path} was trained on {meta['num_classes']} classes but the data "
+                              f"set has {num_classes}; evaluate it on the data it was trained for")
+    model = build_model(meta["model_name"], meta["num_classes"], meta["in_chans"], meta.get("model_kwargs"))
+    section = ckpt.section("model")
+    if meta.get("kind") == "train_state" and ckpt.section("ema"):
+        section = ckpt.section("ema")
+    _load_state(model, section, ckpt.path)
+    model.to(device).eval()
+    diffusion = diffusion_from_config(meta["config"]["diffusion"], meta["num_classes"]) \
+        if model_zoo.is_diffusion_model(model) else None
+    return model, diffusion, meta
