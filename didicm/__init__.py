@@ -3,6 +3,8 @@
 A discrete diffusion over class labels, conditioned on the image, models p(class | image).
 """
 
+from . import models  # noqa: E402,F401  (registers didirn* with timm: timm.create_model("didirn50") works)
+from .checkpoint import load_checkpoint
 from .diffusion import (
     CLSampler,
     CPSampler,
@@ -20,5 +22,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CLSampler", "CPSampler", "CheckpointError", "ConfigError", "DataError", "DidicmError",
     "GeometricSchedule", "InputError", "LogLinearSchedule", "NoiseSchedule", "UniformDiffusion",
-    "create_schedule", "score_entropy",
+    "create_schedule", "load_checkpoint", "models", "score_entropy",
 ]
