@@ -1,0 +1,223 @@
+"""ImageNet-style folder data sets (``<root>/train/<class>/*.JPEG``, ``<root>/val/<class>/*``), robust to bad files.
+
+Images are decoded with Pillow and converted to RGB whatever their mode: grey ('L', '1', 'LA'), palette
+('P'), RGBA (alpha dropped), CMYK, and 16/32-bit or float greys ('I;16', 'I', 'F'), which are scaled to
+8 bits by their own range rather than clipped. Transforms are timm's (``create_transform``: random resized
+crop, flip and colour jitter when augmenting; resize to size / 0.875 and centre crop otherwise), followed
+by the degradation and ImageNet normalization.
+
+Bad files (``on_bad_image``):
+- 'skip': at construction every file's header is opened and verified (cheap: no full decode); files that
+  fail are dropped with one warning, and listed in ``bad_files``. A file that passes but fails to decode
+  later (e.g. a truncated JPEG) is replaced by the next readable image in the list (deterministic),
+  recorded in ``bad_files``, and warned about once. In DataLoader worker processes the read-time records
+  stay in the worker.
+- 'fail': nothing is scanned; the first unreadable file raises DataError naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+
+from ..errors import DataError
+from .base import ClassificationDataset
+from .degradations import DegradationPipeline
+
+__all__ = ["FolderDataset", "IMAGE_EXTENSIONS", "folder_classes", "list_folder", "load_image", "find_test_dir"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+DEFAULT_FOLDER_SIZE = 224
+FOLDER_CROP_PCT = 0.875
+
+# Pillow raises many exception types on hostile bytes (OSError, SyntaxError, struct.error, IndexError, ...);
+# decoding is the one place where we turn any failure into "bad file".
+_DECODE_ERRORS = (Exception,)
+
+
+class BadImageWarning(UserWarning):
+    """Some image files of a folder data set could not be read and were skipped."""
+
+
+def folder_classes(train_dir: Path) -> list[str]:
+    """Sorted names of the class sub-directories of ``train_dir`` (hidden ones ignored)."""
+    if not train_dir.is_dir():
+        raise DataError(f"folder data set needs {train_dir} with one sub-directory per class "
+                        "(ImageNet layout: <root>/train/<class>/*.JPEG)")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{train_dir} has no class sub-directories; expected <root>/train/<class>/<image files>")
+    return classes
+
+
+def find_test_dir(root: Path) -> Path | None:
+    """The held-out directory: ``test/`` if present, else ``val/`` (ImageNet's name for its held-out set)."""
+    for name in ("test", "val", "validation"):
+        if (root / name).is_dir():
+            return root / name
+    return None
+
+
+def list_folder(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
+    """(path, label) for every image-extension file under ``split_dir/<class>/``, sorted; others ignored."""
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if class_dir.name not in index:
+            raise DataError(f"{class_dir}: class {class_dir.name!r} does not exist in the train directory; "
+                            "every held-out class needs a train/<class> directory too")
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+                samples.append((path, index[class_dir.name]))
+    return samples
+
+
+def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
+    """'I;16*', 'I' and 'F' greys -> 'L', scaling by the format's range (Pillow's convert would clip at 255)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    elif image.mode == "I":
+        # 16-bit PNGs often open as 'I'; wider data is scaled by its own maximum.
+        top = 65535.0 if pixels.max(initial=0) <= 65535 else float(pixels.max())
+    else:  # 'F': assume the 8-bit range, the usual meaning of float TIFF greys
+        top = 255.0
+    pixels = np.nan_to_num(pixels, nan=0.0, posinf=top, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(pixels / top * 255.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_image(path: Path, in_chans: int = 3) -> Image.Image:
+    """Decode ``path`` fully and convert it to 'RGB' (in_chans 3) or 'L' (in_chans 1).
+
+    Raises:
+        DataError: the file is missing, not an image, truncated or otherwise undecodable.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _high_depth_to_8bit(image)
+            elif image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # Pillow warns when a transparent palette goes straight to RGB
+            return image.convert("RGB" if in_chans == 3 else "L")
+    except _DECODE_ERRORS as err:
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}. Remove or replace the file, or "
+                        "pass on_bad_image='skip'.") from err
+
+
+def _header_ok(path: Path) -> str | None:
+    """None if ``path`` opens as an image with a valid structure, else the reason it does not."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            image.verify()  # walks the chunks (PNG CRCs); does not decode pixels
+        if width < 1 or height < 1:
+            return "zero-size image"
+        return None
+    except UnidentifiedImageError:
+        return "not an image file"
+    except _DECODE_ERRORS as err:
+        return f"{type(err).__name__}: {err}"
+
+
+class FolderDataset(ClassificationDataset):
+    """Images read from files; see the module docstring for layout, conversions and bad-file handling.
+
+    Args:
+        samples: (path, label) pairs.
+        source_index: [N] int, each file's position in its directory's full sorted listing (seeds degradation).
+        stream: 0 for files under train/, 1 for the held-out directory.
+        on_bad_image: 'fail' or 'skip'.
+        Other args: see ``ClassificationDataset``.
+    """
+
+    def __init__(self, name: str, split: str, samples: list[tuple[Path, int]], source_index: np.ndarray,
+                 stream: int, classes: list[str], image_size: int, degradation: DegradationPipeline, augment: bool,
+                 on_bad_image: str):
+        self.bad_files: list[tuple[str, str]] = []
+        source_index = np.asarray(source_index, dtype=np.int64)
+        if on_bad_image == "skip":
+            reasons = [_header_ok(path) for path, _ in samples]
+            self.bad_files = [(str(path), why) for (path, _), why in zip(samples, reasons, strict=True) if why]
+            keep = [i for i, why in enumerate(reasons) if why is None]
+            if self.bad_files:
+                first, why = self.bad_files[0]
+                warnings.warn(f"{name} {split}: skipped {len(self.bad_files)} unreadable file(s) of {len(samples)} "
+                              f"(first: {first}: {why}); the list is in dataset.bad_files", BadImageWarning,
+                              stacklevel=3)
+            samples = [samples[i] for i in keep]
+            source_index = source_index[keep]
+        if not samples:
+            raise DataError(f"{name} {split}: no readable images found; check the directory layout "
+                            "<root>/train/<class>/<image files> and the files themselves")
+        targets = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        super().__init__(name, split, classes, 3, image_size, targets, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                         degradation, augment, hflip=True)
+        self.samples = samples
+        self.source_index = source_index
+        self.stream = int(stream)
+        self.on_bad_image = on_bad_image
+        self._warned_at_read = False
+        self._unreadable: set[int] = set()
+        # normalize=False: timm's transform stops at a [0, 1] tensor, so the degradation can run before normalizing.
+        self._train_transform = create_transform(self.image_size, is_training=True, normalize=False)
+        self._eval_transform = create_transform(self.image_size, is_training=False, crop_pct=FOLDER_CROP_PCT,
+                                                normalize=False)
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        """Decode image ``index``; with 'skip', fall forward to the next readable image."""
+        for step in range(len(self.samples)):
+            candidate = (index + step) % len(self.samples)
+            if candidate in self._unreadable:
+                continue
+            path = self.samples[candidate][0]
+            try:
+                return load_image(path, self.in_chans), candidate
+            except DataError as err:
+                if self.on_bad_image != "skip":
+                    raise
+                self._unreadable.add(candidate)
+                self.bad_files.append((str(path), str(err.__cause__ or err)))
+                if not self._warned_at_read:
+                    self._warned_at_read = True
+                    warnings.warn(f"{self.name} {self.split}: {path} failed to decode; substituting the next "
+                                  "readable image (further failures are only recorded in dataset.bad_files)",
+                                  BadImageWarning, stacklevel=3)
+        raise DataError(f"{self.name} {self.split}: none of the {len(self.samples)} images can be decoded; "
+                        "check the files")
+
+    def _load(self, index: int, train: bool) -> tuple[torch.Tensor, int]:
+        """(normalized [3, S, S] image, index of the file actually used) for item ``index``."""
+        image, used = self._read(index)
+        pixels = (self._train_transform if train else self._eval_transform)(image)
+        # timm's transform without normalization returns the PIL pixels unscaled (uint8).
+        pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float().clamp(0.0, 1.0)
+        if len(self.degradation):
+            pixels = self.degradation(pixels, index=int(self.source_index[used]), stream=self.stream)
+        return self.normalize(pixels), used
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
+        image, used = self._load(index % len(self), self.augment)
+        # The label travels with the image actually used, so a substituted file keeps image and label matched.
+        return image, int(self.targets[used])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image through the deterministic (eval) transform, stacked; decodes the whole set, so small sets only.
+
+        Returns:
+            images [N, 3, image_size, image_size] float (normalized) and labels [N] int64 (of the images used).
+        """
+        images, labels = [], []
+        for index in range(len(self)):
+            image, used = self._load(index, train=False)
+            images.append(image)
+            labels.append(int(self.targets[used]))
+        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
