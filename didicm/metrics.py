@@ -315,7 +315,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[st
 class MetricAccumulator:
     """Collects batches and computes ``classification_metrics`` on their concatenation.
 
-    Only the per-example quantities the metrics need are kept (six float64 numbers per example, on the CPU), so
+    Only the per-example quantities the metrics need are kept (at most six float64 numbers each, on the CPU), so
     memory is O(N) whatever K is, and the result equals the one-shot metrics on the concatenated batches.
 
     Args:
