@@ -15,7 +15,7 @@ import torch
 from didicm.checkpoint import latest_checkpoint, load_checkpoint
 
 ARGS = ["--model", "didicm:test_resnet", "--dataset", "digits", "--no-progress",
-        "--set", "optim.steps=30", "--set", "optim.batch_size=32", "--set", "optim.opt=adamw",
+        "--set", "optim.steps=60", "--set", "optim.batch_size=32", "--set", "optim.opt=adamw",
         "--set", "optim.warmup_steps=2", "--set", "checkpoint_every=3", "--set", "eval.steps=1",
         "--set", "optim.ema_decay=0.9"]
 
@@ -45,10 +45,11 @@ def test_sigkill_at_a_random_moment_then_resume_matches_uninterrupted_run(tmp_pa
     deadline = time.monotonic() + 120
     while latest_checkpoint(killed) is None and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.5))
+    time.sleep(rng.uniform(0.0, 0.3))
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before the kill: make it longer"
     assert latest_checkpoint(killed) is not None
 
     subprocess.run(_train_command(killed, "--resume"), check=True, env=_env(), capture_output=True)
