@@ -7,7 +7,7 @@ A spec is a comma-separated list ``name=value`` applied left to right, e.g. ``"r
   size is a no-op.
 - ``noise=s``: add Gaussian noise of std s in [0, 1] pixel units, then clip to [0, 1] (a sensor saturates).
 - ``blur=s``: Gaussian blur with sigma s pixels (kernel covering +-3 sigma, capped by the image size).
-- ``jpeg=q``: JPEG encode/decode at quality q in 1..100 (8-bit quantization included).
+- ``jpeg=q``: JPEG encode/decode (Pillow) at quality q in 1..100 (8-bit quantization included).
 
 Degradations act on un-normalized images in [0, 1], ``[C, H, W]`` or ``[B, C, H, W]`` float. Randomness is
 drawn from a generator seeded by (seed, stream, sample index, position in the spec), never from the global
@@ -16,12 +16,14 @@ RNG, so a test set is degraded identically for every method, epoch and batch com
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.io import decode_jpeg, encode_jpeg
+from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -130,7 +132,11 @@ class GaussianBlur(Degradation):
 
 
 class Jpeg(Degradation):
-    """JPEG round trip at ``quality`` (1..100) via torchvision.io; works on 1- or 3-channel images."""
+    """JPEG round trip at ``quality`` (1..100) through Pillow's libjpeg; works on 1- or 3-channel images.
+
+    Pillow rather than torchvision.io: torchvision 0.29 deprecates its image codecs (moving them to TorchCodec)
+    and warns on every call. Colour images get libjpeg's default 4:2:0 chroma subsampling.
+    """
 
     name = "jpeg"
 
@@ -143,9 +149,15 @@ class Jpeg(Degradation):
         if images.shape[1] not in (1, 3):
             raise InputError(f"jpeg needs 1 or 3 channels, got {images.shape[1]}; drop the jpeg degradation "
                              "for this data set")
-        pixels = (images * 255.0).round_().to(torch.uint8)
-        decoded = decode_jpeg(encode_jpeg(list(pixels), quality=self.value))
-        return torch.stack(decoded).to(images.dtype) / 255.0
+        pixels = (images * 255.0).round_().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [B, H, W, C]
+        decoded = []
+        for image in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, "JPEG", quality=self.value)
+            buffer.seek(0)
+            with Image.open(buffer) as jpeg:
+                decoded.append(np.asarray(jpeg).reshape(image.shape))
+        return torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).to(images.dtype) / 255.0
 
 
 DEGRADATIONS: dict[str, type[Degradation]] = {
