@@ -42,12 +42,18 @@ class UniformDiffusion:
         return f"UniformDiffusion(num_classes={self.num_classes}, schedule={self.schedule!r})"
 
     # ---- checks shared by the public methods -------------------------------------------------------
-    def _check_sigma(self, sigma: torch.Tensor, batch: int) -> torch.Tensor:
+    def _check_sigma(self, sigma: torch.Tensor, batch: int, name: str = "sigma") -> torch.Tensor:
         sigma = torch.as_tensor(sigma)
         if sigma.ndim == 0:
             sigma = sigma.expand(batch)
         if sigma.shape != (batch,):
-            raise InputError(f"sigma must have shape ({batch},) to match the batch, got {tuple(sigma.shape)}")
+            raise InputError(f"{name} must have shape ({batch},) to match the batch, got {tuple(sigma.shape)}")
+        if sigma.is_complex() or sigma.dtype == torch.bool:
+            raise InputError(f"{name} must be a real-valued tensor, got {sigma.dtype}")
+        # A NaN, infinite or negative noise level has no forward process; let it fail here, not as NaN later.
+        if sigma.numel() and not (torch.isfinite(sigma).all() and (sigma >= 0).all()):
+            raise InputError(f"{name} must be finite and >= 0; got values in [{sigma.min()}, {sigma.max()}]: "
+                             f"check the time sampling and the noise schedule")
         return sigma
 
     def _check_labels(self, labels: torch.Tensor, name: str) -> torch.Tensor:
@@ -63,6 +69,9 @@ class UniformDiffusion:
             raise InputError(f"{name} must have shape (B, {self.num_classes}), got {tuple(probs.shape)}")
         if not torch.is_floating_point(probs):
             raise InputError(f"{name} must be a floating-point tensor, got {probs.dtype}")
+        if probs.numel() and not (torch.isfinite(probs).all() and (probs >= 0).all()):
+            raise InputError(f"{name} must hold finite, non-negative probabilities (e.g. softmax outputs or "
+                             f"mixup targets); it has NaN, Inf or negative entries")
         return probs
 
     # ---- the forward process -----------------------------------------------------------------------
