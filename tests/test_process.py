@@ -173,3 +173,27 @@ def test_bad_inputs_raise_input_error(call):
 def test_bad_num_classes_raise_config_error(num_classes):
     with pytest.raises(didicm.ConfigError):
         didicm.UniformDiffusion(num_classes, didicm.LogLinearSchedule())
+
+
+@pytest.mark.parametrize("soft", [False, True])
+def test_ratios_stay_finite_and_exact_at_extreme_noise_levels_in_float32(soft):
+    # sigma = 200 overflows e^sigma - 1 in float32 (it gave NaN); sigma = 1e-30 makes K / m overflow-prone.
+    num_classes = 7
+    c0 = torch.tensor([0, 0, 3, 3])
+    c_t = torch.tensor([0, 2, 3, 1])
+    sigma = torch.tensor([200.0, 200.0, 1e-30, 1e-30])
+    p0 = torch.nn.functional.one_hot(c0, num_classes).double()
+    targets = dict(probs=p0.float()) if soft else dict(labels=c0)
+    diffusion = didicm.UniformDiffusion(num_classes, didicm.LogLinearSchedule())
+    log_ratios = diffusion.log_target_ratios(c_t, sigma, **targets)
+    assert torch.isfinite(log_ratios).all()
+    # float64 reference: log p_t(j) - log p_t(c_t) with p_t(j) = e^{-sigma} [j == c0] + (1 - e^{-sigma}) / K.
+    moved = -torch.expm1(-sigma.double())[:, None]
+    log_pt = torch.log((1 - moved) * p0 + moved / num_classes)
+    torch.testing.assert_close(log_ratios.double(), log_pt - log_pt.gather(1, c_t[:, None]), rtol=1e-5, atol=1e-5)
+
+
+def test_ratios_need_positive_sigma():
+    diffusion = didicm.UniformDiffusion(3, didicm.LogLinearSchedule())
+    with pytest.raises(didicm.InputError, match="sigma must be > 0"):
+        diffusion.target_ratios(torch.tensor([0, 1]), torch.tensor([0.0, 1.0]), labels=torch.tensor([0, 0]))

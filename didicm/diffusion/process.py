@@ -114,6 +114,9 @@ class UniformDiffusion:
         c_t = self._check_labels(c_t, "c_t")
         batch = c_t.shape[0]
         sigma = self._check_sigma(sigma, batch).to(c_t.device)
+        if batch and not (sigma > 0).all():
+            raise InputError("sigma must be > 0 for target ratios: at sigma = 0 they are 0 or infinite; "
+                             "sample t from (0, 1] (e.g. t >= 1e-5)")
         if (labels is None) == (probs is None):
             raise InputError("pass exactly one of labels (hard, [B] int) or probs (soft, [B, K] float)")
         if labels is not None:
@@ -126,10 +129,12 @@ class UniformDiffusion:
             #   c_t != c0: r_{c0} = 1 + K / m, every other r_j = 1
             m = torch.expm1(sigma).reshape(-1, 1)
             K = self.num_classes
+            # log(1 + K / m): as log(m + K) - log(m) where K / m could overflow (tiny sigma), as log1p(K / m)
+            # where m itself overflows (large sigma), which made log(m) - log(m + K) = inf - inf = NaN.
+            boost = torch.where(m < 1, torch.log(m + K) - torch.log(m), torch.log1p(K / m))
             out = torch.zeros(batch, K, dtype=sigma.dtype, device=c_t.device)
             stayed = (c_t == labels).reshape(-1, 1)
-            out = torch.where(stayed, torch.log(m) - torch.log(m + K), out)
-            boost = torch.log1p(K / m)
+            out = torch.where(stayed, -boost, out)
             onehot_c0 = torch.zeros_like(out, dtype=torch.bool).scatter_(1, labels.reshape(-1, 1), True)
             out = torch.where(~stayed & onehot_c0, boost.expand_as(out), out)
         else:
