@@ -15,7 +15,7 @@ DEMO_CONFIG = {
     "data": {"dataset": "digits", "val_size": 0.1},
     "model": {"name": "didirn18", "kwargs": {"stem": "small"}},
     "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 64, "steps": 300, "warmup_steps": 20,
-              "clip_grad": 1.0},
+              "clip_grad": None},
     "diffusion": {"t_sampling": "antithetic"},
     "eval": {"sampler": "cp", "steps": 8},
     "checkpoint_every": 100,
@@ -154,7 +154,7 @@ def _cmd_eval(args) -> int:
 def _cmd_predict(args) -> int:
     import torch
 
-    from .data import load_image_for_model
+    from .data.inputs import load_image_for_model
     from .evaluation import parse_sampler, predict
     from .training import default_eval_specs, load_trained_model, resolve_device
 

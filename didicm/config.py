@@ -62,7 +62,7 @@ class OptimConfig:
     warmup_steps: int = 50
     sched: str = "cosine"  # any timm scheduler name
     min_lr: float = 1e-6
-    clip_grad: float | None = 1.0
+    clip_grad: float | None = None  # clipping at 1.0 starves DiDiCM: its loss weight reaches 1/eps
     ema_decay: float | None = None  # e.g. 0.999; evaluation then uses the EMA weights
     label_smoothing: float = 0.0  # cross-entropy models only
     mixup: float = 0.0

@@ -50,9 +50,9 @@ class TrainStream:
         self.rank, self.world, self.num_workers, self.device = rank, world, num_workers, torch.device(device)
         self.size = len(dataset)
         self._perms: dict[int, torch.Tensor] = {}
-        # In-memory data sets without random augmentation skip per-item Python entirely.
-        self._tensors = dataset.tensors() if hasattr(dataset, "tensors") and not getattr(dataset, "augment", False) \
-            else None
+        # In-memory data sets skip per-item Python entirely; their augmentation runs on whole batches.
+        self._tensors = dataset.tensors() if hasattr(dataset, "tensors") else None
+        self._augment = dataset.batch_augment() if self._tensors is not None and dataset.augment else None
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
@@ -78,7 +78,11 @@ class TrainStream:
             images, labels = self._tensors
             for step in range(start, stop):
                 index = torch.tensor([i for i, _ in self.indices(step)])
-                yield images[index].to(self.device), labels[index].to(self.device)
+                batch = images[index]
+                if self._augment is not None:
+                    generator = torch.Generator().manual_seed(mix_seed(self.seed, 3, step, self.rank))
+                    batch = self._augment(batch, generator)
+                yield batch.to(self.device), labels[index].to(self.device)
             return
         loader = DataLoader(_SeededItems(self.dataset), batch_sampler=[self.indices(s) for s in range(start, stop)],
                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")

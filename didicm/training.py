@@ -194,7 +194,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     log_path = run_dir / "log.csv"
     writer = _open_tensorboard(run_dir) if main else None
     meta_base = dict(config=cfg.to_dict(), classes=list(train_set.classes), num_classes=num_classes,
-                     in_chans=in_chans, image_size=train_set.image_size, model_name=cfg.model.name,
+                     in_chans=in_chans, image_size=train_set.image_size, mean=list(train_set.mean),
+                     std=list(train_set.std), model_name=cfg.model.name,
                      model_kwargs=cfg.model.kwargs, method="didicm" if is_diffusion else "classifier",
                      world_size=world)
 
