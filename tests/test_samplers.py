@@ -306,3 +306,18 @@ def test_bad_images_raise_input_error(x):
     diffusion = didicm.UniformDiffusion(4, didicm.LogLinearSchedule())
     with pytest.raises(didicm.InputError):
         didicm.CPSampler(diffusion, steps=2).run(label_dependent_model, x)
+
+
+def test_cp_stays_finite_with_extreme_finite_log_scores():
+    # A log-ratio spread of 2e4 overflowed 1 / a_j and turned the whole state into NaN.
+    log_score = torch.tensor([[15409.96, -2934.29, 0.0], [-1e4, 1e4, 3.0]])
+
+    def model(x, c, sigma):
+        return log_score
+
+    diffusion = didicm.UniformDiffusion(3, didicm.LogLinearSchedule())
+    probs = didicm.CPSampler(diffusion, steps=2).run(model, torch.zeros(2, 1))
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+    # The class with the overwhelming score takes the mass, as the unbounded update would.
+    assert probs.argmax(1).tolist() == [0, 1]

@@ -8,6 +8,7 @@ Both accept any ``model(x, c, sigma) -> log_score [B, K]``: a network, or a clos
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -51,6 +52,10 @@ def reverse_rate_times(probs: torch.Tensor, log_score: torch.Tensor) -> torch.Te
         [B, K], the time derivative of p per unit of sigma in the reverse direction.
     """
     log_a = torch.log_softmax(log_score.to(probs.dtype), dim=1)
+    # 1 / a_j overflows (then inf * 0 = NaN) once a log-ratio spread passes ~709 in float64 or ~88 in float32.
+    # Bounding log a at half the exponent range keeps the product finite; only a class whose outflow already
+    # exceeds its mass by many orders of magnitude (the clamp in ``run`` zeroes it either way) is affected.
+    log_a = log_a.clamp_min(-0.5 * math.log(torch.finfo(probs.dtype).max))
     inv_a = torch.exp(-log_a)
     weighted = (probs * inv_a).sum(dim=1, keepdim=True)
     return (torch.exp(log_a) * weighted - probs * inv_a) / probs.shape[1]
@@ -131,7 +136,7 @@ class CPSampler:
         probs = torch.full((batch, K), 1.0 / K, dtype=state_dtype, device=x.device)
         trajectory = [probs] if return_trajectory else None
         times, dts = time_grid(self.steps, self.eps, self.grid)
-        for t, dt in zip(times.tolist(), dts.tolist()):
+        for t, dt in zip(times.tolist(), dts.tolist(), strict=True):
             t_batch = torch.full((batch,), t, dtype=torch.float64, device=x.device)
             sigma, dsigma = self.diffusion.schedule(t_batch)
             c = self._labels(probs, generator)
@@ -185,7 +190,7 @@ class CLSampler:
         labels = torch.randint(0, K, (batch * N,), generator=generator, device=x.device)
         history = [labels] if return_trajectory else None
         times, dts = time_grid(self.steps, self.eps, self.grid)
-        for t, dt in zip(times.tolist(), dts.tolist()):
+        for t, dt in zip(times.tolist(), dts.tolist(), strict=True):
             t_batch = torch.full((batch * N,), t, dtype=torch.float64, device=x.device)
             sigma, dsigma = self.diffusion.schedule(t_batch)
             log_score = _call_model(model, x_chains, labels, sigma.float(), K).double()
