@@ -179,3 +179,22 @@ def test_finite_in_float32_and_bf16_autocast_over_the_whole_time_range(soft, num
 def test_bad_inputs_raise_input_error(call):
     with pytest.raises(didicm.InputError):
         call()
+
+
+@pytest.mark.parametrize("change", [
+    dict(log_score=torch.tensor([[0.0, float("nan"), 1.0], [0.0, 0.0, 0.0]])),
+    dict(log_score=torch.tensor([[0.0, float("inf"), 1.0], [0.0, 0.0, 0.0]])),
+    dict(log_score=torch.zeros(2, 3, dtype=torch.long)),
+    dict(sigma=torch.tensor([1.0 + 1.0j, 0.5])),
+    dict(sigma=torch.tensor([float("nan"), 0.5])),
+    dict(sigma=torch.tensor([0.0, 0.5])),
+    dict(dsigma=torch.tensor([-1.0, 1.0])),
+    dict(dsigma=torch.tensor([float("inf"), 1.0])),
+])
+def test_nan_inf_negative_or_complex_inputs_raise_input_error(change):
+    # None of these is a valid input; each used to pass silently (NaN/inf loss, dropped imaginary part).
+    args = dict(log_score=torch.zeros(2, 3), c_t=torch.tensor([0, 1]), sigma=torch.tensor([1.0, 0.5]),
+                dsigma=torch.ones(2), labels=torch.tensor([0, 2]))
+    args.update(change)
+    with pytest.raises(didicm.InputError):
+        didicm.score_entropy(**args)

@@ -49,18 +49,22 @@ def score_entropy(log_score: torch.Tensor, c_t: torch.Tensor, sigma: torch.Tenso
     if log_score.ndim != 2:
         raise InputError(f"log_score must have shape (B, K), got {tuple(log_score.shape)}")
     batch, num_classes = log_score.shape
+    if not torch.is_floating_point(log_score):
+        raise InputError(f"log_score must be a floating-point tensor, got {log_score.dtype}")
+    if log_score.numel() and not torch.isfinite(log_score).all():
+        raise InputError("log_score holds NaN or Inf: the network diverged or saw NaN inputs; check the data, "
+                         "lower the learning rate or clip gradients")
+    c_t = torch.as_tensor(c_t)
     if c_t.shape != (batch,):
         raise InputError(f"c_t must have shape ({batch},) to match log_score, got {tuple(c_t.shape)}")
-    dsigma = torch.as_tensor(dsigma)
-    if dsigma.ndim == 0:
-        dsigma = dsigma.expand(batch)
-    if dsigma.shape != (batch,):
-        raise InputError(f"dsigma must have shape ({batch},), got {tuple(dsigma.shape)}")
+    diffusion = UniformDiffusion(num_classes, schedule=None)  # only the closed forms are used
+    # Validated before the casts below, which would silently drop an imaginary part.
+    sigma = diffusion._check_sigma(sigma, batch)
+    dsigma = diffusion._check_sigma(dsigma, batch, name="dsigma")
     # The loss runs in float32 even under autocast: the weight reaches 1/eps and the ratios 1e8.
     device_type = log_score.device.type
     with torch.autocast(device_type=device_type, enabled=False):
         s = log_score if log_score.dtype == torch.float64 else log_score.float()
-        diffusion = UniformDiffusion(num_classes, schedule=None)  # only the closed forms are used
         log_r = diffusion.log_target_ratios(c_t, sigma.to(s.dtype), labels=labels, probs=probs).to(s.dtype)
         per_class = _bregman(s, log_r)
         per_class = per_class.scatter(1, c_t.reshape(-1, 1).long(), 0.0)  # j = c_t is not a term
