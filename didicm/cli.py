@@ -78,6 +78,13 @@ def _demo_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _study_parser(sub) -> None:
+    p = sub.add_parser("study", help="DiDiCM vs its twin over a grid of resolutions and data ratios (resumable)")
+    p.add_argument("config", help="study YAML, e.g. configs/study_fashion_mnist.yaml")
+    p.add_argument("--only", action="append", help="run only this cell, e.g. res7_ratio0.02_seed0 (repeatable)")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="didicm", description="Discrete Diffusion Classification Modeling")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _predict_parser(sub)
     _demo_parser(sub)
+    _study_parser(sub)
     return parser
 
 
@@ -195,7 +203,15 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo}
+def _cmd_study(args) -> int:
+    from .study import run_study
+
+    study = run_study(args.config, progress=not args.no_progress, only=args.only)
+    print(f"{len(study['cells'])} cells aggregated; report in {study['config']} -> see the output folder")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "study": _cmd_study}
 
 
 def main(argv: list[str] | None = None) -> int:
