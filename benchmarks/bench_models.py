@@ -1,0 +1,202 @@
+"""Benchmark the networks on this CPU: parameter counts, forward time per image of every DiDiRN and its twin,
+and the cost of an S-step CP prediction as a multiple of one classifier forward pass.
+
+    python benchmarks/bench_models.py            # full run (DiDiRN-18/50 at 224 px; about 25 min on 2 cores)
+    python benchmarks/bench_models.py --quick    # DiDiRN-18/50 at 28 px only, fewer repeats
+
+Settings: torch.set_num_threads(2), inference under torch.no_grad, batch 64, one warm-up pass (on 8 images at
+224 px), median of 3 timed passes at 28 px and of 2 at 224 px.
+28 px runs use the 'small' stem and K = 10 (an MNIST-like setting); 224 px runs the official 'imagenet' stem
+and K = 1000. The CP cost times the real sampler: ``CPSampler.run(model.score, model.encode(x))``, so a
+DiDiRN pays S network passes and BackboneDiDiCM one backbone pass plus S head passes; it is divided by the
+single forward pass of the twin (DiDiRN) or of the same timm model as a plain classifier (wrapper), measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import timm
+import torch
+
+import didicm.models as models
+from didicm.diffusion import CPSampler, LogLinearSchedule, UniformDiffusion
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "bench_models.json"
+SETTINGS = {28: dict(stem="small", num_classes=10), 224: dict(stem="imagenet", num_classes=1000)}
+STEPS = (1, 4, 8)
+
+
+def _median_seconds(fn: Callable[[], object], warmup: int, repeats: int,
+                    warmup_fn: Callable[[], object] | None = None) -> float:
+    with torch.no_grad():
+        for _ in range(warmup):
+            (warmup_fn or fn)()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _inputs(batch: int, size: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=gen)
+    c = torch.randint(0, num_classes, (batch,), generator=gen)
+    sigma = torch.rand(batch, generator=gen) * 5
+    return x, c, sigma
+
+
+def bench_forward(names: list[str], size: int, batch: int, warmup: int, repeats: int) -> list[dict]:
+    """Forward time per image of each DiDiRN (x, c, sigma) and its twin (x) at one input size."""
+    settings = SETTINGS[size]
+    x, c, sigma = _inputs(batch, size, settings["num_classes"])
+    rows = []
+    for name in names:
+        for variant in (name, f"{name}_twin"):
+            model = timm.create_model(variant, **settings).eval()
+            if models.is_diffusion_model(model):
+                call, warm = (lambda m=model: m(x, c, sigma)), (lambda m=model: m(x[:8], c[:8], sigma[:8]))
+            else:
+                call, warm = (lambda m=model: m(x)), (lambda m=model: m(x[:8]))
+            # At 224 px a pass of a large DiDiRN takes minutes on 2 cores: warm up on 8 images there.
+            seconds = _median_seconds(call, warmup, repeats, warmup_fn=warm if size >= 224 else None)
+            rows.append(dict(model=variant, size=size, batch=batch, **settings, params=_params(model),
+                             ms_per_image=1000 * seconds / batch, ms_per_batch=1000 * seconds))
+            print(f"  {variant:16s} {size:4d} px  {1000 * seconds / batch:8.2f} ms/image", flush=True)
+            del model
+    return rows
+
+
+def bench_cp(kind: str, size: int, batch: int, warmup: int, repeats: int) -> dict:
+    """S-step CP prediction time / one classifier forward, for 'didirn18' or a 'didicm:<backbone>' wrapper.
+
+    Each repeat times the classifier pass and the S-step runs back to back and the ratio is taken within the
+    repeat, so that load from other jobs on the machine affects numerator and denominator alike.
+    """
+    settings = SETTINGS[size]
+    x, _, _ = _inputs(batch, size, settings["num_classes"])
+    if kind == "didirn18":
+        model = timm.create_model("didirn18", **settings).eval()
+        baseline_name, baseline = "didirn18_twin", timm.create_model("didirn18_twin", **settings).eval()
+    else:
+        backbone = kind.removeprefix(models.BACKBONE_PREFIX)
+        model = models.create(kind, settings["num_classes"]).eval()
+        baseline_name = backbone
+        baseline = timm.create_model(backbone, pretrained=False, num_classes=settings["num_classes"]).eval()
+    diffusion = UniformDiffusion(settings["num_classes"], LogLinearSchedule())
+    samplers = {steps: CPSampler(diffusion, steps=steps) for steps in STEPS}
+    calls = {"one_pass": lambda: baseline(x)}
+    for steps, sampler in samplers.items():
+        calls[steps] = lambda s=sampler: s.run(model.score, model.encode(x))
+    timings = {key: [] for key in calls}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        for _ in range(repeats):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                timings[key].append(time.perf_counter() - start)
+    one_pass = statistics.median(timings["one_pass"])
+    row = dict(model=kind, baseline=baseline_name, size=size, batch=batch, **settings,
+               baseline_ms_per_image=1000 * one_pass / batch, cp={})
+    for steps in STEPS:
+        ratios = [t / b for t, b in zip(timings[steps], timings["one_pass"], strict=True)]
+        row["cp"][str(steps)] = dict(ms_per_image=1000 * statistics.median(timings[steps]) / batch,
+                                     cost_vs_one_forward=statistics.median(ratios))
+        print(f"  CP {kind:16s} {size:4d} px  S={steps}: {statistics.median(ratios):6.2f} x one {baseline_name} "
+              f"pass", flush=True)
+    return row
+
+
+def parameter_table() -> list[dict]:
+    """Parameter counts at K = 1000 (ImageNet), with timm's ResNets for comparison."""
+    rows = []
+    for name in models.DIDIRN_NAMES:
+        reference = name.replace("didirn", "resnet")
+        rows.append(dict(model=name, params=_params(timm.create_model(name, num_classes=1000)),
+                         twin_params=_params(timm.create_model(f"{name}_twin", num_classes=1000)),
+                         timm_resnet=reference, timm_resnet_params=_params(timm.create_model(reference))))
+    wrapper = models.create("didicm:resnet18", 1000)
+    rows.append(dict(model="didicm:resnet18", params=_params(wrapper), head_params=_params(wrapper.head),
+                     timm_resnet="resnet18", timm_resnet_params=_params(timm.create_model("resnet18"))))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="DiDiRN-18/50 at 28 px only")
+    parser.add_argument("--large", nargs="+", default=["didirn18", "didirn50"],
+                        help="DiDiRN sizes to time at 224 px (each with its twin)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    small_names = ["didirn18", "didirn50"] if args.quick else list(models.DIDIRN_NAMES)
+    large_names = [] if args.quick else [n for n in models.DIDIRN_NAMES if n in args.large]
+    warmup_small, repeats_small = 1, 3
+    warmup_large, repeats_large = 1, 2
+    started = time.time()
+
+    print("parameters (K = 1000)", flush=True)
+    params = parameter_table()
+    for row in params:
+        print(f"  {row['model']:16s} {row['params']:>12,d}  (timm {row['timm_resnet']}: "
+              f"{row['timm_resnet_params']:,d})", flush=True)
+    print(f"forward time, batch {args.batch}", flush=True)
+    forward = bench_forward(small_names, 28, args.batch, warmup_small, repeats_small)
+    if large_names:
+        forward += bench_forward(large_names, 224, args.batch, warmup_large, repeats_large)
+    print("S-step CP cost", flush=True)
+    cp = [bench_cp("didirn18", 28, args.batch, warmup_small, repeats_small),
+          bench_cp("didicm:resnet18", 28, args.batch, warmup_small, repeats_small)]
+    if not args.quick:
+        cp.append(bench_cp("didicm:resnet18", 224, args.batch, warmup_large, repeats_large))
+
+    skipped = [f"{n} (+twin) at 224 px" for n in models.DIDIRN_NAMES if n not in large_names]
+    if args.quick:
+        skipped += [f"{n} (+twin) at 28 px" for n in models.DIDIRN_NAMES if n not in small_names]
+        skipped.append("CP cost of the wrapper at 224 px")
+    skipped.append("CP cost of DiDiRN-18 at 224 px (S full passes: the ratio is ~S, as at 28 px)")
+    wrapper_cp8 = [row["cp"]["8"]["cost_vs_one_forward"] for row in cp if row["model"].startswith("didicm:")]
+    result = dict(
+        command=" ".join(["python", "benchmarks/bench_models.py", *(argv if argv is not None else sys.argv[1:])]),
+        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
+                     torch_threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__),
+        note="Timings are medians on a shared 2-core CPU; other jobs may have run at the same time.",
+        settings=dict(batch=args.batch, sizes={str(k): v for k, v in SETTINGS.items()}, cp_steps=list(STEPS),
+                      warmup_repeats_28px=[warmup_small, repeats_small],
+                      warmup_repeats_224px=[warmup_large, repeats_large]),
+        parameters=params, forward=forward, cp_cost=cp, skipped=skipped,
+        acceptance=dict(criterion="BackboneDiDiCM 8-step CP <= 1.5 x one forward of the same backbone as a classifier",
+                        worst_ratio=max(wrapper_cp8), passed=max(wrapper_cp8) <= 1.5),
+        seconds=round(time.time() - started, 1),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrapper 8-step CP: worst {max(wrapper_cp8):.2f} x one pass "
+          f"({'pass' if result['acceptance']['passed'] else 'FAIL'}); wrote {args.out}", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
