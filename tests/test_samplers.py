@@ -292,6 +292,8 @@ def test_bad_options_raise_config_error(build):
     lambda x, c, sigma: torch.full((x.shape[0], 4), float("nan")),
     lambda x, c, sigma: torch.zeros(x.shape[0], 4).index_fill(1, torch.tensor([2]), float("inf")),
     lambda x, c, sigma: [[0.0] * 4] * x.shape[0],
+    lambda x, c, sigma: torch.ones(x.shape[0], 4, dtype=torch.complex64),  # was silently cast to real
+    lambda x, c, sigma: torch.ones(x.shape[0], 4, dtype=torch.bool),  # was read as log-ratios 0 and 1
 ])
 @pytest.mark.parametrize("kind", ["cp", "cl"])
 def test_bad_model_outputs_raise_input_error(model, kind):

@@ -75,6 +75,8 @@ def _call_model(model: ScoreModel, x: torch.Tensor, c: torch.Tensor, sigma: torc
         shape = tuple(log_score.shape) if isinstance(log_score, torch.Tensor) else type(log_score).__name__
         raise InputError(f"model(x, c, sigma) must return log-ratios of shape ({c.shape[0]}, {num_classes}), "
                          f"got {shape}: does the model's num_classes match the diffusion's?")
+    if not torch.is_floating_point(log_score):
+        raise InputError(f"model(x, c, sigma) must return floating-point log-ratios, got {log_score.dtype}")
     if not torch.isfinite(log_score).all():
         raise InputError("model returned NaN or Inf log-ratios; check the input images and the checkpoint")
     # The entry at c is log(p_t(c)/p_t(c)) = 0 by definition, whatever the network wrote there.
