@@ -22,7 +22,6 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import timm
@@ -34,19 +33,6 @@ from didicm.diffusion import CPSampler, LogLinearSchedule, UniformDiffusion
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_models.json"
 SETTINGS = {28: dict(stem="small", num_classes=10), 224: dict(stem="imagenet", num_classes=1000)}
 STEPS = (1, 4, 8)
-
-
-def _median_seconds(fn: Callable[[], object], warmup: int, repeats: int,
-                    warmup_fn: Callable[[], object] | None = None) -> float:
-    with torch.no_grad():
-        for _ in range(warmup):
-            (warmup_fn or fn)()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _params(model: torch.nn.Module) -> int:
@@ -62,23 +48,42 @@ def _inputs(batch: int, size: int, num_classes: int) -> tuple[torch.Tensor, torc
 
 
 def bench_forward(names: list[str], size: int, batch: int, warmup: int, repeats: int) -> list[dict]:
-    """Forward time per image of each DiDiRN (x, c, sigma) and its twin (x) at one input size."""
+    """Forward time per image of each DiDiRN (x, c, sigma) and its twin (x) at one input size.
+
+    The DiDiRN and its twin alternate within each repeat so that load from other jobs hits both alike; the
+    ratio of the two is the median of the per-repeat ratios. At 224 px, where a pass of a large DiDiRN takes
+    minutes on 2 cores, the warm-up runs on 8 images.
+    """
     settings = SETTINGS[size]
     x, c, sigma = _inputs(batch, size, settings["num_classes"])
+    cut = 8 if size >= 224 else batch
     rows = []
     for name in names:
-        for variant in (name, f"{name}_twin"):
-            model = timm.create_model(variant, **settings).eval()
-            if models.is_diffusion_model(model):
-                call, warm = (lambda m=model: m(x, c, sigma)), (lambda m=model: m(x[:8], c[:8], sigma[:8]))
-            else:
-                call, warm = (lambda m=model: m(x)), (lambda m=model: m(x[:8]))
-            # At 224 px a pass of a large DiDiRN takes minutes on 2 cores: warm up on 8 images there.
-            seconds = _median_seconds(call, warmup, repeats, warmup_fn=warm if size >= 224 else None)
-            rows.append(dict(model=variant, size=size, batch=batch, **settings, params=_params(model),
-                             ms_per_image=1000 * seconds / batch, ms_per_batch=1000 * seconds))
-            print(f"  {variant:16s} {size:4d} px  {1000 * seconds / batch:8.2f} ms/image", flush=True)
-            del model
+        didirn = timm.create_model(name, **settings).eval()
+        twin = timm.create_model(f"{name}_twin", **settings).eval()
+        calls = {name: lambda n=cut, m=didirn: m(x[:n], c[:n], sigma[:n]),
+                 f"{name}_twin": lambda n=cut, m=twin: m(x[:n])}
+        timings = {key: [] for key in calls}
+        with torch.no_grad():
+            for _ in range(warmup):
+                for call in calls.values():
+                    call()
+            for _ in range(repeats):
+                for key, call in calls.items():
+                    start = time.perf_counter()
+                    call(batch)
+                    timings[key].append(time.perf_counter() - start)
+        ratio = statistics.median(a / b for a, b in zip(timings[name], timings[f"{name}_twin"], strict=True))
+        for variant, model in ((name, didirn), (f"{name}_twin", twin)):
+            seconds = statistics.median(timings[variant])
+            row = dict(model=variant, size=size, batch=batch, **settings, params=_params(model),
+                       ms_per_image=1000 * seconds / batch, ms_per_batch=1000 * seconds)
+            if variant == name:
+                row["time_vs_twin"] = ratio
+            rows.append(row)
+            print(f"  {variant:16s} {size:4d} px  {1000 * seconds / batch:8.2f} ms/image"
+                  + (f"  ({ratio:.2f} x twin)" if variant == name else ""), flush=True)
+        del didirn, twin
     return rows
 
 
