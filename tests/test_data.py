@@ -199,9 +199,15 @@ def test_tensors_fast_path_equals_getitem_with_noise_and_resize():
         torch.testing.assert_close(image, images[row], atol=1e-5, rtol=0)
         assert label == labels[row]
     assert torch.isfinite(images).all()
-    # The same image is degraded identically by a fresh dataset object (what every method sees).
-    torch.testing.assert_close(create_dataset("digits", "val", image_size=12, seed=2,
+    # The same image is degraded identically by a fresh dataset object, whatever the run seed (the subset seed).
+    torch.testing.assert_close(create_dataset("digits", "val", image_size=12, seed=9,
                                               degradation="resolution=4,noise=0.1,jpeg=80").tensors()[0], images)
+    # A training image gets the same noise whichever subset it lands in.
+    full = create_dataset("digits", "train", degradation="noise=0.2")
+    part = create_dataset("digits", "train", degradation="noise=0.2", data_ratio=0.1, seed=4)
+    row_in_full = {int(s): i for i, s in enumerate(full.source_index)}
+    for row in (0, 5):
+        torch.testing.assert_close(part[row][0], full[row_in_full[int(part.source_index[row])]][0])
 
 
 def test_augment_only_on_train_and_flip_policy():

@@ -9,6 +9,7 @@ from .augment import BatchAugment, crop_padding, pixel_augment
 from .base import VAL_SPLIT_SEED, ClassificationDataset, class_balanced_subset, stratified_split
 from .datasets import (
     DEFAULT_VAL_SIZE,
+    DEGRADATION_SEED,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
     NORMALIZATION,
@@ -34,7 +35,8 @@ from .readers import RawSplit, find_idx_files, load_cifar_dir, load_digits_split
 from .safe_pickle import safe_load, safe_loads
 
 __all__ = [
-    "BadImageWarning", "BatchAugment", "ClassificationDataset", "DEFAULT_VAL_SIZE", "DEGRADATIONS", "DataSource",
+    "BadImageWarning", "BatchAugment", "ClassificationDataset", "DEFAULT_VAL_SIZE", "DEGRADATION_SEED", "DEGRADATIONS",
+    "DataSource",
     "Degradation", "DegradationPipeline", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "FolderDataset",
     "GaussianBlur", "GaussianNoise", "IMAGE_EXTENSIONS", "InMemoryDataset", "Jpeg", "NORMALIZATION", "RawSplit",
     "Resolution", "SPLITS", "VAL_SPLIT_SEED", "class_balanced_subset", "create_dataset", "crop_padding",

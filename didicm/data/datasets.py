@@ -48,9 +48,10 @@ from .readers import (
 )
 
 __all__ = ["create_dataset", "dataset_info", "resolve_source", "DataSource", "NORMALIZATION", "DEFAULT_VAL_SIZE",
-           "FASHION_MNIST_ROOT", "FASHION_MNIST_CLASSES", "SPLITS", "VAL_SPLIT_SEED"]
+           "FASHION_MNIST_ROOT", "FASHION_MNIST_CLASSES", "SPLITS", "VAL_SPLIT_SEED", "DEGRADATION_SEED"]
 
 SPLITS = ("train", "val", "test")
+DEGRADATION_SEED = 0
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -236,12 +237,13 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
         root: directory of the data, instead of writing it after the colon.
         image_size: side of the returned square images; None keeps the native size (8, 28, 32; 224 for folders).
         degradation: spec like 'resolution=7,noise=0.1' (see ``parse_degradation``), applied before
-            normalization on every split, seeded per image by ``seed`` and its position in its file.
+            normalization on every split; its noise is seeded per image by the image's position in its file
+            (and ``DEGRADATION_SEED``), never by ``seed``, so it is identical for every method and run.
         augment: random crop with padding (+ flips where sensible); timm's train transform for folders.
         data_ratio: fraction in (0, 1] of every class kept in 'train' (ignored for 'val' and 'test').
         val_size: validation images (count, or fraction of the training files); None: 5,000 for
             Fashion-MNIST, 10% otherwise; 0: no validation split, 'train' uses all training files.
-        seed: chooses the data-ratio subset and the degradation noise.
+        seed: chooses the data-ratio subset (and nothing else).
         on_bad_image: 'fail' or 'skip' unreadable image files (folder data sets).
     Returns:
         A ``ClassificationDataset`` whose items are (image [C, S, S] float, normalized; label int).
@@ -250,7 +252,9 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
         ConfigError: bad split, image_size, data_ratio, val_size, seed, on_bad_image or degradation.
     """
     _check_args(split, image_size, data_ratio, seed, on_bad_image)
-    pipeline = parse_degradation(degradation, seed=int(seed))
+    # The degraded images are a fixed property of the data set (seeded by image, not by run), so every method
+    # and every run seed is evaluated on the very same degraded test set.
+    pipeline = parse_degradation(degradation, seed=DEGRADATION_SEED)
     source = resolve_source(name, root)
     if val_size is None:
         val_size = DEFAULT_VAL_SIZE.get(source.kind, DEFAULT_VAL_FRACTION)
