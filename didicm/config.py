@@ -47,7 +47,7 @@ class DiffusionConfig:
     sigma_min: float = 1e-3  # geometric only
     sigma_max: float = 1.0
     t_min: float = 1e-5  # training draws t ~ U(t_min, 1) (official train.py passes 1e-5)
-    t_sampling: str = "uniform"  # uniform | antithetic (stratified over the batch: lower variance)
+    t_sampling: str = "uniform"  # uniform | antithetic (stratified over the batch) | sigma (importance-sampled t)
     ce_weight: float = 0.0  # hybrid loss: + ce_weight * cross-entropy of the mean readout ('mean' models)
 
 
@@ -115,8 +115,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must lie in (0, 1), got {value!r}")
         if not (o.lr > 0 and math.isfinite(o.lr)):
             raise ConfigError(f"optim.lr must be a positive number, got {o.lr!r}")
-        if self.diffusion.t_sampling not in ("uniform", "antithetic"):
-            raise ConfigError(f"diffusion.t_sampling must be 'uniform' or 'antithetic', "
+        if self.diffusion.t_sampling not in ("uniform", "antithetic", "sigma"):
+            raise ConfigError(f"diffusion.t_sampling must be 'uniform', 'antithetic' or 'sigma', "
                               f"got {self.diffusion.t_sampling!r}")
         if e.sampler not in ("cp", "cl", "mean"):
             raise ConfigError(f"eval.sampler must be 'cp', 'cl' or 'mean', got {e.sampler!r}")

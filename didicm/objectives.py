@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .diffusion import UniformDiffusion, score_entropy
 
-__all__ = ["draw_times", "diffusion_loss", "cross_entropy_loss"]
+__all__ = ["draw_times", "draw_noise", "diffusion_loss", "cross_entropy_loss"]
 
 
 def draw_times(batch: int, t_min: float, sampling: str, generator: torch.Generator | None = None,
@@ -24,6 +24,27 @@ def draw_times(batch: int, t_min: float, sampling: str, generator: torch.Generat
         strata = torch.randperm(batch, generator=generator, device=device).float()
         u = (strata + u) / batch
     return t_min + (1.0 - t_min) * u
+
+
+def draw_noise(diffusion: UniformDiffusion, batch: int, t_min: float, sampling: str,
+               generator: torch.Generator | None = None, device: torch.device | str = "cpu"):
+    """(sigma, loss weight), each [B] float32, for one Monte Carlo draw of the time integral of the loss.
+
+    'uniform'/'antithetic': t ~ U(t_min, 1) and weight dsigma(t) (the paper's estimator; the weight reaches
+    1/eps near t = 1, so a few draws dominate the gradient). 'sigma': the same integral after the change of
+    variables t -> sigma, i.e. importance sampling t with density proportional to dsigma: sigma ~
+    U(sigma(t_min), sigma(1)) and a constant weight (sigma(1) - sigma(t_min)) / (1 - t_min). Same
+    expectation, bounded weights.
+    """
+    if sampling == "sigma":
+        ends = torch.tensor([t_min, 1.0], dtype=torch.float64)
+        low, high = diffusion.schedule.sigma(ends).tolist()
+        u = torch.rand(batch, generator=generator, device=device)
+        sigma = low + (high - low) * u
+        # divided by the interval's length, like the uniform estimator: both estimate E_{t ~ U(t_min, 1)}
+        return sigma, torch.full_like(sigma, (high - low) / (1.0 - t_min))
+    t = draw_times(batch, t_min, sampling, generator, device)
+    return diffusion.schedule(t)
 
 
 def diffusion_loss(model, diffusion: UniformDiffusion, images: torch.Tensor, targets: torch.Tensor,
@@ -39,8 +60,7 @@ def diffusion_loss(model, diffusion: UniformDiffusion, images: torch.Tensor, tar
         [B] float, per-example loss.
     """
     batch, device = images.shape[0], images.device
-    t = draw_times(batch, t_min, t_sampling, generator, device)
-    sigma, dsigma = diffusion.schedule(t)
+    sigma, dsigma = draw_noise(diffusion, batch, t_min, t_sampling, generator, device)
     if targets.ndim == 1:
         c_t = diffusion.sample_labels(targets, sigma, generator=generator)
         labels, probs = targets, None
