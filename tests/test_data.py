@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
+import struct
 import warnings
 from pathlib import Path
 
@@ -54,27 +56,53 @@ def make_idx_dir(directory: Path, compress: bool, n_train: int = 40, n_test: int
     return arrays
 
 
-def make_cifar_dir(directory: Path, num_classes: int, protocol: int, per_batch: int = 6) -> dict:
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str (BINSTRING), as the cPickle that wrote CIFAR's files did."""
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = dict(pickle._Pickler.dispatch)
+    dispatch[bytes] = save_bytes
+
+
+def py2_style_dumps(obj: dict) -> bytes:
+    """A protocol-2 pickle shaped like CIFAR's: str keys and names as byte strings, numpy 1 module names."""
+    def to_bytes(value):
+        if isinstance(value, str):
+            return value.encode("latin1")
+        if isinstance(value, list):
+            return [to_bytes(v) for v in value]
+        return value
+
+    buffer = io.BytesIO()
+    Py2Pickler(buffer, protocol=2).dump({to_bytes(k): to_bytes(v) for k, v in obj.items()})
+    return buffer.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+
+
+def make_cifar_dir(directory: Path, num_classes: int, protocol: int | str, per_batch: int = 6) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(2)
     names = [f"class{i}" for i in range(num_classes)]
     made = {}
 
+    def dumps(obj):
+        return py2_style_dumps(obj) if protocol == "py2" else pickle.dumps(obj, protocol=protocol)
+
     def dump(name, labels_key, n):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         labels = [int(i % num_classes) for i in range(n)]
-        (directory / name).write_bytes(pickle.dumps({"data": data, labels_key: labels, "filenames": ["x"] * n},
-                                                    protocol=protocol))
+        (directory / name).write_bytes(dumps({"data": data, labels_key: labels, "filenames": ["x"] * n}))
         made[name] = (data, labels)
 
     if num_classes == 10:
-        (directory / "batches.meta").write_bytes(pickle.dumps({"label_names": names}, protocol=protocol))
+        (directory / "batches.meta").write_bytes(dumps({"label_names": names}))
         for i in range(1, 6):
             dump(f"data_batch_{i}", "labels", per_batch)
         dump("test_batch", "labels", per_batch)
     else:
-        (directory / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": ["a"]},
-                                                      protocol=protocol))
+        (directory / "meta").write_bytes(dumps({"fine_label_names": names, "coarse_label_names": ["a"]}))
         dump("train", "fine_labels", 2 * num_classes)
         dump("test", "fine_labels", num_classes)
     return made
@@ -295,7 +323,7 @@ def test_fashion_mnist_missing_says_how_to_install(monkeypatch, tmp_path):
 
 
 # ---- CIFAR and the safe unpickler ------------------------------------------------------------------------
-@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("protocol", [2, 5, "py2"])
 def test_cifar10_pickles(tmp_path, protocol):
     made = make_cifar_dir(tmp_path / "c10", 10, protocol)
     train = create_dataset(f"cifar10:{tmp_path / 'c10'}", "train", val_size=0)
