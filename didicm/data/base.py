@@ -34,6 +34,9 @@ class ClassificationDataset(Dataset):
         degradation: the DegradationPipeline applied before normalization (possibly empty).
         augment: whether random train augmentation is applied in ``__getitem__``.
         hflip: whether horizontal flips are part of the augmentation for this data set.
+
+    In-memory data sets (``InMemoryDataset``) also have ``tensors()``, the whole set as two tensors; file-backed
+    ones (``FolderDataset``) deliberately do not, so ``hasattr(ds, "tensors")`` tells a loader which path to take.
     """
 
     def __init__(self, name: str, split: str, classes: Sequence[str], in_chans: int, image_size: int,
@@ -70,14 +73,6 @@ class ClassificationDataset(Dataset):
         """The train augmentation in batch form, for images from ``tensors()`` (already normalized)."""
         fill = [-m / s for m, s in zip(self.mean, self.std, strict=True)]
         return BatchAugment(crop_padding(self.image_size), self.hflip, fill)
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All images after the deterministic transforms (no augmentation) and the labels.
-
-        Returns:
-            images [N, C, H, W] float (normalized) and labels [N] int64.
-        """
-        raise NotImplementedError
 
 
 def _check_val_size(val_size: int | float, total: int) -> int:

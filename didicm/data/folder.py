@@ -208,16 +208,3 @@ class FolderDataset(ClassificationDataset):
         image, used = self._load(index % len(self), self.augment)
         # The label travels with the image actually used, so a substituted file keeps image and label matched.
         return image, int(self.targets[used])
-
-    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every image through the deterministic (eval) transform, stacked; decodes the whole set, so small sets only.
-
-        Returns:
-            images [N, 3, image_size, image_size] float (normalized) and labels [N] int64 (of the images used).
-        """
-        images, labels = [], []
-        for index in range(len(self)):
-            image, used = self._load(index, train=False)
-            images.append(image)
-            labels.append(int(self.targets[used]))
-        return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
