@@ -1,0 +1,128 @@
+"""Ablations of the DiDiCM recipe in one study cell, judged on the validation split (never the test set).
+
+    python benchmarks/ablations.py --cell res7_ratio0.02 --seeds 0 1 --variants twin base sigma mean ...
+
+Every variant is the study's base recipe plus a few overrides (see VARIANTS); each trains, evaluates on the
+validation split with the study's samplers, and lands in one JSON file (resumable: finished variants are
+skipped). Prints a table of top-1/NLL/ECE per variant with the best sampler and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from didicm.config import apply_overrides, config_from_dict  # noqa: E402
+from didicm.data import create_dataset  # noqa: E402
+from didicm.evaluation import evaluate, parse_sampler  # noqa: E402
+from didicm.loader import eval_batches  # noqa: E402
+from didicm.report import format_table, write_json  # noqa: E402
+from didicm.study import load_study  # noqa: E402
+from didicm.training import train  # noqa: E402
+
+# name -> (arm the overrides start from, overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "twin": ("twin", []),
+    "twin_ls": ("twin", ["optim.label_smoothing=0.1"]),
+    "twin_ema": ("twin", ["optim.ema_decay=0.995"]),
+    "base": ("didicm", []),
+    "official": ("didicm", ["diffusion.t_sampling=uniform", "diffusion.t_min=1e-5", "optim.clip_grad=null"]),
+    "clip1": ("didicm", ["optim.clip_grad=1.0"]),
+    "antithetic": ("didicm", ["diffusion.t_sampling=antithetic"]),
+    "sigma": ("didicm", ["diffusion.t_sampling=sigma"]),
+    "tmin1e-3": ("didicm", ["diffusion.t_min=1e-3"]),
+    "eps1e-2": ("didicm", ["diffusion.schedule_eps=1e-2"]),
+    "geometric": ("didicm", ["diffusion.schedule=geometric", "diffusion.sigma_min=1e-3", "diffusion.sigma_max=8.0"]),
+    "film": ("didicm", ["model.kwargs.conditioning=film"]),
+    "mean": ("didicm", ["model.kwargs.parametrization=mean"]),
+    "mean_nocond": ("didicm", ["model.kwargs.parametrization=mean", "model.kwargs.condition_inputs=false"]),
+    "mean_hybrid": ("didicm", ["model.kwargs.parametrization=mean", "diffusion.ce_weight=1.0"]),
+    "ema": ("didicm", ["optim.ema_decay=0.995"]),
+    "mixup": ("didicm", ["optim.mixup=0.2", "optim.cutmix=1.0"]),
+    "twin_mixup": ("twin", ["optim.mixup=0.2", "optim.cutmix=1.0"]),
+    "long": ("didicm", ["optim.steps=*2"]),
+    "twin_long": ("twin", ["optim.steps=*2"]),
+}
+
+
+def _variant_config(spec: dict, arm: str, overrides: list[str], resolution: int, ratio: float, seed: int,
+                     out: Path) -> dict:
+    from didicm.study import _cell_config
+
+    values = _cell_config(spec, arm, resolution, ratio, seed)
+    resolved = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if value.startswith("*"):  # multiply the base value (e.g. training length)
+            node = values
+            for part in key.split(".")[:-1]:
+                node = node[part]
+            value = str(int(node[key.split(".")[-1]] * float(value[1:])))
+        resolved.append(f"{key}={value}")
+    values = apply_overrides(values, resolved)
+    values["output"] = str(out)
+    return values
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="configs/study_fashion_mnist.yaml")
+    parser.add_argument("--cell", default="res7_ratio0.02", help="resR_ratioQ")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--variants", nargs="+", default=["twin", "base"], choices=sorted(VARIANTS))
+    parser.add_argument("--out", default="results/fashion-mnist/ablations.json")
+    parser.add_argument("--runs", default="runs/ablations")
+    args = parser.parse_args()
+
+    spec = load_study(args.study)
+    resolution = int(args.cell.split("_")[0][3:])
+    ratio = float(args.cell.split("_")[1][5:])
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for name in args.variants:
+        arm, overrides = VARIANTS[name]
+        for seed in args.seeds:
+            key = f"{args.cell}/{name}/seed{seed}"
+            if key in results:
+                continue
+            values = _variant_config(spec, arm, overrides, resolution, ratio, seed,
+                                     Path(args.runs) / args.cell / name / f"seed{seed}")
+            config = config_from_dict(values)
+            started = time.perf_counter()
+            result = train(config, progress=False, log=lambda *_: None)
+            val_set = create_dataset(config.data.dataset, "val", degradation=config.data.degradation,
+                                     val_size=config.data.val_size, seed=config.data.split_seed)
+            if result.diffusion is None:
+                specs = [parse_sampler("classifier")]
+            else:
+                specs = [parse_sampler(s) for s in spec["samplers"] if not s.startswith("cl")]
+                if config.model.kwargs.get("parametrization") == "mean":
+                    specs.append(parse_sampler("mean"))
+            scores = evaluate(result.model, eval_batches(val_set, 512), specs, result.diffusion, seed=seed,
+                              num_classes=val_set.num_classes)
+            best = max(scores, key=lambda s: scores[s]["top1"])
+            results[key] = {"variant": name, "arm": arm, "overrides": overrides, "seed": seed, "best": best,
+                            "val": {s: {k: m[k] for k in ("top1", "nll", "ece", "brier")} for s, m in scores.items()},
+                            "train_seconds": result.metrics["train_seconds"],
+                            "seconds": round(time.perf_counter() - started, 1), "steps": config.optim.steps}
+            write_json(out, results)
+            m = scores[best]
+            print(f"{key}: {best} top1 {m['top1']:.2f} nll {m['nll']:.3f} ece {m['ece']:.3f} "
+                  f"({results[key]['seconds']:.0f} s)", flush=True)
+    rows = []
+    for key, r in sorted(results.items()):
+        if key.startswith(args.cell + "/"):
+            m = r["val"][r["best"]]
+            rows.append({"variant": r["variant"], "seed": r["seed"], "sampler": r["best"], "val top1": m["top1"],
+                         "nll": m["nll"], "ece": m["ece"], "train s": r["train_seconds"]})
+    print(format_table(rows, title=f"ablations, cell {args.cell} (validation split)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
