@@ -135,10 +135,27 @@ def _build(cls, values: dict, prefix: str = ""):
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown config key {prefix}{key!r}; valid keys: {sorted(known)}")
+            raise ConfigError(f"unknown config key {prefix + key!r}; valid keys: {sorted(known)}")
         sub = _dataclass_type(known[key])
-        kwargs[key] = _build(sub, value, f"{prefix}{key}.") if sub is not None else value
+        kwargs[key] = _build(sub, value, f"{prefix}{key}.") if sub is not None else \
+            _coerce(known[key], value, prefix + key)
     return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any, name: str) -> Any:
+    """YAML reads 1e-3 (no dot) as a string; numbers are converted by the field's declared type."""
+    annotation = str(f.type)
+    if isinstance(value, str) and ("float" in annotation or "int" in annotation):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"config key {name!r} needs a number, got {value!r}") from None
+        return int(number) if "float" not in annotation and number.is_integer() else number
+    if isinstance(value, bool) and annotation in ("int", "float"):
+        raise ConfigError(f"config key {name!r} needs a number, got {value!r}")
+    if isinstance(value, int) and not isinstance(value, bool) and annotation == "float":
+        return float(value)
+    return value
 
 
 def _dataclass_type(f: dataclasses.Field):
