@@ -189,8 +189,7 @@ def _cmd_predict(args) -> int:
                               "at each diffusion step")
         from .report import plot_trajectories_grid
 
-        labels = [None] * len(args.images)
-        plot_trajectories_grid(images.cpu(), trajectory.cpu().numpy(), classes, labels, args.plot)
+        plot_trajectories_grid(images.cpu(), trajectory.cpu().numpy(), classes, None, args.plot)
         print(f"trajectory plot written to {args.plot}")
     return 0
 

@@ -70,6 +70,9 @@ def diffusion_loss(model, diffusion: UniformDiffusion, images: torch.Tensor, tar
         c_t = diffusion.sample_labels(c0, sigma, generator=generator)
         labels, probs = None, targets
     log_score = model(images, c_t, sigma)
+    if not torch.isfinite(log_score).all():
+        # A diverged network is the training loop's to handle (skip and count the step), not an input error.
+        return torch.full((batch,), float("nan"), device=device)
     loss = score_entropy(log_score, c_t, sigma, dsigma, labels=labels, probs=probs)
     if ce_weight > 0:
         # Hybrid loss (study arm): anchors the mean readout to cross-entropy; costs one extra forward pass.

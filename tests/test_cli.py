@@ -70,7 +70,8 @@ def test_predict_prints_topk_and_plots_the_trajectory(digits_run, tmp_path, caps
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(str(tmp_path))]
     assert len(lines) == 3
     for line in lines:
-        probs = [float(tok) for tok in line.split(": ", 1)[1].split("(")[0].split()[1::2]]
+        ranked = line.split(": ", 1)[1].split("  (")[0].split(", ")  # "3 0.412, 8 0.201, ..."
+        probs = [float(item.rsplit(" ", 1)[1]) for item in ranked]
         assert len(probs) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1.0 + 1e-6
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
