@@ -110,6 +110,8 @@ def _cmd_train(args) -> int:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
     config = load_config(args.config, overrides)
     result = train(config, resume=args.resume, progress=not args.no_progress)
+    if not result.metrics:  # a non-zero rank of a multi-process run: rank 0 reports
+        return 0
     _print_results(result.metrics.get("val", {}), title=f"validation ({result.run_dir})")
     print(f"model written to {result.run_dir / 'model.safetensors'} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, {result.bad_steps} skipped steps)")
