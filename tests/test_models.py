@@ -345,3 +345,21 @@ def test_a_few_steps_lower_the_loss(kind):
     last = loss_fn().item()
     assert math.isfinite(first) and first > 0
     assert last < 0.8 * first, (first, last)
+
+
+@pytest.mark.parametrize("name", ["didirn18", "didirn18_twin", "didirn50"])
+def test_width_option_builds_narrow_variants(name):
+    narrow = timm.create_model(name, num_classes=10, in_chans=1, width=16)
+    full = timm.create_model(name, num_classes=10, in_chans=1)
+    assert narrow.conv1.out_channels == 16 and full.conv1.out_channels == 64
+    # every width halves per stage back from the last: 16 -> 128 (basic) or 512 (bottleneck) features
+    assert narrow.num_features == full.num_features // 4
+    # GroupNorm groups never exceed the channel count (16 channels -> 16 groups, official 32 otherwise)
+    for module in narrow.modules():
+        if isinstance(module, torch.nn.GroupNorm):
+            assert module.num_groups == min(32, module.num_channels)
+    x = torch.randn(2, 1, 28, 28)
+    out = narrow(x) if name.endswith("_twin") else narrow(x, torch.tensor([1, 2]), torch.tensor([0.5, 1.0]))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    with pytest.raises(ConfigError, match="width"):
+        timm.create_model(name, num_classes=10, width=0)

@@ -38,6 +38,11 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 GROUPS = 32  # GroupNorm groups after the injection (official)
 
 
+def _groups(channels: int) -> int:
+    # 32 groups as the official net; narrow variants (width < 32) fall back to one channel per group.
+    return min(GROUPS, channels)
+
+
 class BasicBlock(nn.Module):
     """3x3 conv-BN-ReLU, 3x3 conv-BN, [+ embedding], GroupNorm-SiLU, + skip, ReLU.
 
@@ -59,7 +64,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.cond = ChannelConditioning(embed_dim, out_channels, conditioning) if embed_dim else None
-        self.out_norm = GroupNorm(out_channels, num_groups=GROUPS)
+        self.out_norm = GroupNorm(out_channels, num_groups=_groups(out_channels))
         self.act = nn.ReLU(inplace=True)
         self.downsample = _projection(in_channels, out_channels, stride)
 
@@ -89,7 +94,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.cond = ChannelConditioning(embed_dim, out_channels, conditioning) if embed_dim else None
-        self.out_norm = GroupNorm(out_channels, num_groups=GROUPS)
+        self.out_norm = GroupNorm(out_channels, num_groups=_groups(out_channels))
         self.act = nn.ReLU(inplace=True)
         self.downsample = _projection(in_channels, out_channels, stride)
 
@@ -137,8 +142,11 @@ class _DiDiRNTrunk(nn.Module):
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  in_chans: int = 3, stem: str = "imagenet", drop_rate: float = 0.0, zero_init_head: bool = True,
-                 embed_dim: int | None = None, conditioning: str = "add"):
+                 embed_dim: int | None = None, conditioning: str = "add", width: int = STAGE_WIDTHS[0]):
         super().__init__()
+        if int(width) != width or width < 1:
+            raise ConfigError(f"width must be a positive integer (64 is the official ResNet), got {width!r}")
+        widths = tuple(int(width) * 2**i for i in range(len(STAGE_WIDTHS)))
         if stem not in STEMS:
             raise ConfigError(f"unknown stem {stem!r}; choose one of {STEMS} ('small' drops the max-pool)")
         if int(num_classes) != num_classes or num_classes < 2:
@@ -149,20 +157,20 @@ class _DiDiRNTrunk(nn.Module):
         self.in_chans = int(in_chans)
         self.stem_type = stem
         self.drop_rate = drop_rate
-        self.conv1 = nn.Conv2d(in_chans, STAGE_WIDTHS[0], 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
+        self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
         self.act1 = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
 
         if len(layers) != len(STAGE_WIDTHS):
             raise ConfigError(f"layers must give the number of blocks of each of the 4 stages, got {layers!r}")
-        stages, in_channels = [], STAGE_WIDTHS[0]
-        for index, (width, depth) in enumerate(zip(STAGE_WIDTHS, layers, strict=True)):
+        stages, in_channels = [], widths[0]
+        for index, (stage_width, depth) in enumerate(zip(widths, layers, strict=True)):
             blocks = []
             for block_index in range(depth):
                 stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(block(in_channels, width, stride, embed_dim, conditioning))
-                in_channels = width * block.expansion
+                blocks.append(block(in_channels, stage_width, stride, embed_dim, conditioning))
+                in_channels = stage_width * block.expansion
             stages.append(nn.ModuleList(blocks))
         self.stages = nn.ModuleList(stages)
         self.num_features = self.head_hidden_size = in_channels
@@ -224,16 +232,19 @@ class DiDiRN(DiffusionClassifier, _DiDiRNTrunk):
         embed_dim: embedding width (128 official).
         clean_sigma: the noise level at which ``clean_logits`` queries a conditioned 'mean' network.
         zero_init_head: see above.
+        width: channels of the stem and first stage (doubling per stage); 64 is the official network, smaller
+            values give the narrow variants that CPU-sized studies need.
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  in_chans: int = 3, stem: str = "imagenet", parametrization: str = "score",
                  conditioning: str = "add", condition_inputs: bool = True, embed_dim: int = 128,
-                 drop_rate: float = 0.0, clean_sigma: float = 1.0, zero_init_head: bool = True):
+                 drop_rate: float = 0.0, clean_sigma: float = 1.0, zero_init_head: bool = True,
+                 width: int = STAGE_WIDTHS[0]):
         check_options(parametrization, conditioning, condition_inputs)
         super().__init__(block, layers, num_classes=num_classes, in_chans=in_chans, stem=stem, drop_rate=drop_rate,
                          zero_init_head=zero_init_head, embed_dim=embed_dim if condition_inputs else None,
-                         conditioning=conditioning)
+                         conditioning=conditioning, width=width)
         self.parametrization = parametrization
         self.conditioning = conditioning
         self.condition_inputs = condition_inputs
@@ -289,9 +300,10 @@ class DiDiRNTwin(_DiDiRNTrunk):
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
-                 in_chans: int = 3, stem: str = "imagenet", drop_rate: float = 0.0, zero_init_head: bool = True):
+                 in_chans: int = 3, stem: str = "imagenet", drop_rate: float = 0.0, zero_init_head: bool = True,
+                 width: int = STAGE_WIDTHS[0]):
         super().__init__(block, layers, num_classes=num_classes, in_chans=in_chans, stem=stem, drop_rate=drop_rate,
-                         zero_init_head=zero_init_head, embed_dim=None)
+                         zero_init_head=zero_init_head, embed_dim=None, width=width)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> feature map [B, num_features, H', W']."""
