@@ -85,7 +85,8 @@ def _recipe_hash(spec: dict, resolution: int, ratio: float, seed: int) -> str:
     configs = {arm: _cell_config(spec, arm, resolution, ratio, seed) for arm in ("twin", "didicm")}
     for values in configs.values():
         values.pop("output")
-    text = json.dumps({"configs": configs, "samplers": spec["samplers"], "cl_limit": spec.get("cl_limit")},
+    text = json.dumps({"configs": configs, "samplers": spec["samplers"], "cl_limit": spec.get("cl_limit"),
+                       "val_limit": spec.get("val_limit")},
                       sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -120,7 +121,7 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
     record = {"resolution": resolution, "data_ratio": ratio, "seed": seed, "commit": _commit(),
               "recipe": _recipe_hash(spec, resolution, ratio, seed)}
     started = time.perf_counter()
-    cl_limit = spec.get("cl_limit")
+    cl_limit, val_limit = spec.get("cl_limit"), spec.get("val_limit")
     for arm in ("twin", "didicm"):
         config = config_from_dict(_cell_config(spec, arm, resolution, ratio, seed))
         log(f"[{_cell_name(resolution, ratio, seed)}] training {arm} ({config.model.name}, {config.optim.steps} steps)")
@@ -133,17 +134,16 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
         eval_started = time.perf_counter()
         if diffusion is None:
             specs = [parse_sampler("classifier")]
-            val = _evaluate_split(model, None, val_set, specs, seed)
+            val = _evaluate_split(model, None, val_set, specs, seed, limit=val_limit)
             test = _evaluate_split(model, None, test_set, specs, seed)
             best = "classifier"
         else:
             specs = [parse_sampler(s) for s in spec["samplers"]]
             cheap = [s for s in specs if s.kind != "cl" or cl_limit is None]
             costly = [s for s in specs if s not in cheap]
-            val = _evaluate_split(model, diffusion, val_set, cheap, seed)
+            val = _evaluate_split(model, diffusion, val_set, cheap, seed, limit=val_limit)
             test = _evaluate_split(model, diffusion, test_set, cheap, seed)
-            if costly:  # CL costs S*N network calls per image: evaluated on the first cl_limit images only
-                val.update(_evaluate_split(model, diffusion, val_set, costly, seed, limit=cl_limit))
+            if costly:  # CL costs S*N network calls per image: evaluated on the first cl_limit test images only
                 test.update(_evaluate_split(model, diffusion, test_set, costly, seed, limit=cl_limit))
             # the sampler is chosen on validation top-1 (never on test), among those run on the full split
             best = max((s.name for s in cheap), key=lambda name: val[name]["top1"])
