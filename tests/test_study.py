@@ -1,0 +1,51 @@
+"""The study command on tiny data: the JSON schema, the report, the figures, and cached cells."""
+
+import json
+
+import yaml
+
+from didicm.cli import main
+
+STUDY = {
+    "dataset": "digits", "native_resolution": 8, "resolutions": [8, 4], "data_ratios": [1.0, 0.5], "seeds": [0],
+    "samplers": ["cp:1", "cp:2", "cl:2x3"], "cl_limit": 40, "val_limit": 60, "trajectories": 3,
+    "base": {"data": {"val_size": 0.1},
+             "optim": {"opt": "adamw", "lr": 5e-3, "batch_size": 32, "steps": 15, "warmup_steps": 2},
+             "checkpoint_every": 100},
+    "arms": {"twin": {"model": {"name": "test_resnet"}}, "didicm": {"model": {"name": "didicm:test_resnet"}}},
+}
+
+
+def test_study_writes_cells_json_report_and_figures_then_skips_finished_cells(tmp_path, capsys):
+    spec = dict(STUDY, output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    assert main(["study", str(config), "--no-progress"]) == 0
+    study = json.loads((tmp_path / "results" / "study.json").read_text())
+    assert len(study["cells"]) == 4
+    for cell in study["cells"]:
+        assert cell["resolution"] in (8, 4) and cell["data_ratio"] in (1.0, 0.5) and cell["seed"] == 0
+        for arm in ("twin", "didicm"):
+            assert set(("top1", "nll", "ece", "brier", "sampler", "train_seconds")) <= set(cell[arm])
+            assert 0 <= cell[arm]["top1"] <= 100
+        assert cell["twin"]["sampler"] == "classifier" and cell["didicm"]["sampler"] in ("cp:1", "cp:2")
+        assert cell["didicm_samplers"]["test"]["cl:2x3"]["count"] == 40
+        assert cell["didicm_samplers"]["test"]["cp:2"]["count"] == 360
+        assert cell["didicm_samplers"]["val"]["cp:2"]["count"] == 60
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "| resolution |" in report and "gap (points)" in report and "4 px" in report
+    for name in ("gap.png", "steps.png", "reliability_hardest.png", "trajectories.png"):
+        assert (tmp_path / "results" / name).read_bytes()[:4] == b"\x89PNG"
+
+    cells = sorted((tmp_path / "results" / "cells").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cells]
+    capsys.readouterr()
+    assert main(["study", str(config), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("cached") == 4
+    assert [p.stat().st_mtime_ns for p in cells] == stamps
+
+    # a changed recipe invalidates the cached cells
+    spec["base"]["optim"]["steps"] = 16
+    config.write_text(yaml.safe_dump(spec))
+    assert main(["study", str(config), "--no-progress", "--only", "res4_ratio0.5_seed0"]) == 0
+    assert "recipe changed" in capsys.readouterr().out
