@@ -103,7 +103,8 @@ def main() -> int:
                 specs = [parse_sampler(s) for s in spec["samplers"] if not s.startswith("cl")]
                 if config.model.kwargs.get("parametrization") == "mean":
                     specs.append(parse_sampler("mean"))
-            scores = evaluate(result.model, eval_batches(val_set, 512), specs, result.diffusion, seed=seed,
+            scores = evaluate(result.model, eval_batches(val_set, 512, limit=spec.get("val_limit")), specs,
+                              result.diffusion, seed=seed,
                               num_classes=val_set.num_classes)
             best = max(scores, key=lambda s: scores[s]["top1"])
             results[key] = {"variant": name, "arm": arm, "overrides": overrides, "seed": seed, "best": best,

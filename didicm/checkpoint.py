@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +21,9 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
 from .errors import CheckpointError
+from .files import atomic_write_bytes
 
-__all__ = ["Checkpoint", "atomic_write_bytes", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
            "flatten_optimizer_state", "unflatten_optimizer_state", "FORMAT"]
 
 FORMAT = "didicm-checkpoint-v1"
@@ -43,37 +42,6 @@ class Checkpoint:
         """The tensors stored under ``prefix/``, with the prefix removed (e.g. 'model', 'ema')."""
         head = prefix + "/"
         return {k[len(head):]: v for k, v in self.tensors.items() if k.startswith(head)}
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename itself is durable only once the directory entry is flushed.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:

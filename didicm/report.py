@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .errors import InputError
+from .files import atomic_write_bytes
 
 __all__ = [
     "format_table", "markdown_table", "format_number", "to_plain", "write_json", "plot_reliability",
@@ -76,14 +76,6 @@ def _plain_key(key) -> str:
     return plain if isinstance(plain, str) else json.dumps(plain)
 
 
-def _new_file_mode(path: Path) -> int:
-    """The mode to give the replacement: the old file's, else 0o644."""
-    try:
-        return path.stat().st_mode & 0o777
-    except FileNotFoundError:
-        return 0o644
-
-
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:
     """Writes ``obj`` as JSON atomically: a reader sees the old file or the new one, never half of one.
 
@@ -98,22 +90,8 @@ def write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:
     Returns:
         The destination path.
     """
-    path = Path(path)
     text = json.dumps(to_plain(obj), indent=indent, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file owner-only (0600); results are meant to be shared like any other file
-        os.chmod(temp_name, _new_file_mode(path))
-        with os.fdopen(handle, "w", encoding="utf-8") as temp_file:
-            temp_file.write(text)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---- tables ------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from didicm.checkpoint import (
-    atomic_write_bytes,
     flatten_optimizer_state,
     latest_checkpoint,
     load_checkpoint,
@@ -16,6 +15,7 @@ from didicm.checkpoint import (
     unflatten_optimizer_state,
 )
 from didicm.errors import CheckpointError, DidicmError
+from didicm.files import atomic_write_bytes
 
 
 def _tensors(seed=0):
