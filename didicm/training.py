@@ -174,6 +174,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     mix = cfg.optim.mixup > 0 or cfg.optim.cutmix > 0
     mixup = Mixup(mixup_alpha=cfg.optim.mixup, cutmix_alpha=cfg.optim.cutmix, label_smoothing=0.0,
                   num_classes=num_classes) if mix else None
+    if cfg.diffusion.ce_weight > 0 and world > 1:
+        # the hybrid loss runs a second forward pass outside DDP's wrapper, which DDP cannot synchronise
+        raise ConfigError("diffusion.ce_weight > 0 (hybrid loss) is single-process only; set it to 0 under torchrun")
+    if cfg.diffusion.ce_weight > 0 and getattr(model, "parametrization", None) != "mean":
+        raise ConfigError("diffusion.ce_weight > 0 needs a model with parametrization 'mean' (clean logits)")
     if mix and (cfg.optim.batch_size // world) % 2:
         raise ConfigError("mixup/cutmix need an even per-process batch size")
 
