@@ -30,6 +30,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "twin": ("twin", []),
     "twin_ls": ("twin", ["optim.label_smoothing=0.1"]),
     "twin_ema": ("twin", ["optim.ema_decay=0.995"]),
+    "twin_noisy": ("twin", ["optim.noisy_labels=true"]),
     "base": ("didicm", []),
     "official": ("didicm", ["diffusion.t_sampling=uniform", "diffusion.t_min=1e-5", "optim.clip_grad=null"]),
     "clip1": ("didicm", ["optim.clip_grad=1.0"]),

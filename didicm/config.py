@@ -65,6 +65,7 @@ class OptimConfig:
     clip_grad: float | None = None  # clipping at 1.0 starves DiDiCM: its loss weight reaches 1/eps
     ema_decay: float | None = None  # e.g. 0.999; evaluation then uses the EMA weights
     label_smoothing: float = 0.0  # cross-entropy models only
+    noisy_labels: bool = False  # cross-entropy models: smooth each label by 1 - e^{-sigma(t)}, t ~ U (control arm)
     mixup: float = 0.0
     cutmix: float = 0.0
     amp: bool = True  # bf16 autocast, on GPUs only

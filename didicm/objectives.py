@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .diffusion import UniformDiffusion, score_entropy
 
-__all__ = ["draw_times", "draw_noise", "diffusion_loss", "cross_entropy_loss"]
+__all__ = ["draw_times", "draw_noise", "diffusion_loss", "cross_entropy_loss", "noisy_label_cross_entropy"]
 
 
 def draw_times(batch: int, t_min: float, sampling: str, generator: torch.Generator | None = None,
@@ -88,3 +88,19 @@ def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, label_smooth
     if label_smoothing > 0:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[1]
     return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1)
+
+
+def noisy_label_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, diffusion: UniformDiffusion,
+                              t_min: float = 1e-5, t_sampling: str = "uniform",
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Cross-entropy against the label noised to a random t: the study's control for DiDiCM's label noise.
+
+    Each image's target is p_t = e^{-sigma} y + (1 - e^{-sigma}) / K at its own sigma(t), t ~ U(t_min, 1): label
+    smoothing of strength 1 - e^{-sigma(t)}, the label-space noise DiDiCM trains on, without the diffusion.
+    Returns [B] float.
+    """
+    batch = logits.shape[0]
+    t = draw_times(batch, t_min, t_sampling, generator, logits.device)
+    sigma, _ = diffusion.schedule(t)
+    clean = targets.float() if targets.ndim == 2 else F.one_hot(targets, logits.shape[1]).float()
+    return cross_entropy_loss(logits, diffusion.noise_probs(clean, sigma))

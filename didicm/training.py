@@ -37,7 +37,7 @@ from .diffusion import UniformDiffusion, create_schedule
 from .errors import CheckpointError, ConfigError, DidicmError
 from .evaluation import SamplerSpec, evaluate
 from .loader import TrainStream, eval_batches, mix_seed
-from .objectives import cross_entropy_loss, diffusion_loss
+from .objectives import cross_entropy_loss, diffusion_loss, noisy_label_cross_entropy
 
 __all__ = ["TrainingError", "TrainResult", "train", "build_model", "diffusion_from_config", "resolve_device",
            "load_trained_model", "default_eval_specs"]
@@ -164,7 +164,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     torch.manual_seed(cfg.seed)  # model initialisation
     model = build_model(cfg.model.name, num_classes, in_chans, cfg.model.kwargs).to(device)
     is_diffusion = model_zoo.is_diffusion_model(model)
-    diffusion = diffusion_from_config(cfg.to_dict()["diffusion"], num_classes) if is_diffusion else None
+    # the noisy-label control arm draws its label noise from the same schedule as DiDiCM
+    diffusion = diffusion_from_config(cfg.to_dict()["diffusion"], num_classes) \
+        if is_diffusion or cfg.optim.noisy_labels else None
     optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                     momentum=cfg.optim.momentum)
     scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.optim.sched, num_epochs=cfg.optim.steps,
@@ -219,6 +221,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             if is_diffusion:
                 loss = diffusion_loss(train_model, diffusion, images, targets, t_min=cfg.diffusion.t_min,
                                       t_sampling=cfg.diffusion.t_sampling, ce_weight=cfg.diffusion.ce_weight)
+            elif cfg.optim.noisy_labels:
+                loss = noisy_label_cross_entropy(train_model(images), targets, diffusion, cfg.diffusion.t_min,
+                                                 cfg.diffusion.t_sampling)
             else:
                 loss = cross_entropy_loss(train_model(images), targets, cfg.optim.label_smoothing)
             loss = loss.mean()
@@ -284,7 +289,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         writer.close()
     if world > 1:
         dist.barrier()
-    return TrainResult(run_dir, final, diffusion, metrics, step, bad_total, time.perf_counter() - started)
+    return TrainResult(run_dir, final, diffusion if is_diffusion else None, metrics, step, bad_total,
+                       time.perf_counter() - started)
 
 
 def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict, bad_total: int, keep: int,

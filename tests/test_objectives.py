@@ -47,3 +47,17 @@ def test_cross_entropy_soft_targets_match_hard_labels():
     onehot = torch.nn.functional.one_hot(labels, 5).float()
     torch.testing.assert_close(cross_entropy_loss(logits, onehot), cross_entropy_loss(logits, labels))
     torch.testing.assert_close(cross_entropy_loss(logits, onehot, 0.1), cross_entropy_loss(logits, labels, 0.1))
+
+
+def test_noisy_label_control_is_cross_entropy_against_the_noised_label():
+    from didicm.objectives import noisy_label_cross_entropy
+
+    diffusion = UniformDiffusion(5, LogLinearSchedule(1e-3))
+    logits, labels = torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 5, (64,))
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    loss = noisy_label_cross_entropy(logits, labels, diffusion, t_min=1e-5, generator=g1)
+    t = draw_times(64, 1e-5, "uniform", g2)
+    keep = 1.0 - (1.0 - 1e-3) * t.double()  # e^{-sigma(t)} for the log-linear schedule
+    target = keep[:, None] * torch.nn.functional.one_hot(labels, 5) + (1 - keep[:, None]) / 5
+    expected = -(target * torch.log_softmax(logits, 1)).sum(1)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)

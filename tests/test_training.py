@@ -55,7 +55,8 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     assert latest_checkpoint(tmp_path / "interrupted").name == "step_00000004.safetensors"
     resumed = training.train(interrupted, resume=True, progress=False, log=lambda *_: None)
     assert resumed.steps_done == 12
-    a, b = _weights(tmp_path / "straight" / "model.safetensors"), _weights(tmp_path / "interrupted" / "model.safetensors")
+    a = _weights(tmp_path / "straight" / "model.safetensors")
+    b = _weights(tmp_path / "interrupted" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
