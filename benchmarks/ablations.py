@@ -21,7 +21,7 @@ from didicm.config import apply_overrides, config_from_dict  # noqa: E402
 from didicm.data import create_dataset  # noqa: E402
 from didicm.evaluation import evaluate, parse_sampler  # noqa: E402
 from didicm.loader import eval_batches  # noqa: E402
-from didicm.report import format_table, write_json  # noqa: E402
+from didicm.report import format_table, markdown_table, write_json  # noqa: E402
 from didicm.study import load_study  # noqa: E402
 from didicm.training import train  # noqa: E402
 
@@ -116,14 +116,31 @@ def main() -> int:
             m = scores[best]
             print(f"{key}: {best} top1 {m['top1']:.2f} nll {m['nll']:.3f} ece {m['ece']:.3f} "
                   f"({results[key]['seconds']:.0f} s)", flush=True)
-    rows = []
-    for key, r in sorted(results.items()):
-        if key.startswith(args.cell + "/"):
-            m = r["val"][r["best"]]
-            rows.append({"variant": r["variant"], "seed": r["seed"], "sampler": r["best"], "val top1": m["top1"],
-                         "nll": m["nll"], "ece": m["ece"], "train s": r["train_seconds"]})
+    rows = _rows(results, args.cell)
     print(format_table(rows, title=f"ablations, cell {args.cell} (validation split)"))
+    cells = sorted({key.split("/")[0] for key in results})
+    text = ["# Recipe ablations (validation split; the test set is never used here)", "",
+            f"Produced by `python benchmarks/ablations.py` from `{args.study}`; raw numbers in `{out.name}`. "
+            "`best` is the sampler with the highest validation top-1 (a selection the twin does not get); "
+            "`cp:8` is fixed in advance.", ""]
+    for cell in cells:
+        text += [markdown_table(_rows(results, cell), title=f"cell {cell}"), ""]
+    (out.parent / "ablations.md").write_text("\n".join(text))
     return 0
+
+
+def _rows(results: dict, cell: str) -> list[dict]:
+    rows = []
+    for key, r in sorted(results.items(), key=lambda kv: (kv[1]["arm"] != "twin", kv[0])):
+        if key.startswith(cell + "/"):
+            best, fixed = r["val"][r["best"]], r["val"].get("cp:8", r["val"][r["best"]])
+            rows.append({"variant": r["variant"], "seed": r["seed"], "overrides": " ".join(r["overrides"]) or "-",
+                         "best": r["best"], "top1": best["top1"], "nll": best["nll"], "ece": best["ece"],
+                         "cp:8 top1": fixed["top1"] if r["arm"] == "didicm" else None,
+                         "cp:8 nll": fixed["nll"] if r["arm"] == "didicm" else None,
+                         "cp:8 ece": fixed["ece"] if r["arm"] == "didicm" else None,
+                         "train s": r["train_seconds"]})
+    return rows
 
 
 if __name__ == "__main__":
