@@ -2,7 +2,8 @@
 
 A *sampler spec* names how probabilities are made: ``cp:8`` (CP, 8 steps), ``cp:8:max`` (label mode),
 ``cp:8:min:official`` (the official time grid), ``cl:8x10`` (CL, 8 steps, 10 chains), ``mean`` (one pass of a
-'mean'-parametrized model), ``classifier`` (softmax of a plain classifier's logits).
+'mean'-parametrized model), ``classifier`` (softmax of a plain classifier's logits), ``tta:8`` (a classifier's
+softmax averaged over the image and 7 augmented views: the compute-matched control for ``cp:8``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = ["SamplerSpec", "parse_sampler", "predict", "evaluate"]
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    kind: str  # cp | cl | mean | classifier
+    kind: str  # cp | cl | mean | classifier | tta
     steps: int = 8
     chains: int = 10
     mode: str = "min"
@@ -37,11 +38,13 @@ class SamplerSpec:
             return f"cp:{self.steps}{suffix}"
         if self.kind == "cl":
             return f"cl:{self.steps}x{self.chains}" + (f":{self.grid}" if self.grid != "consistent" else "")
+        if self.kind == "tta":
+            return f"tta:{self.steps}"
         return self.kind
 
     @property
     def evaluations_per_image(self) -> int:
-        return {"cp": self.steps, "cl": self.steps * self.chains}.get(self.kind, 1)
+        return {"cp": self.steps, "tta": self.steps, "cl": self.steps * self.chains}.get(self.kind, 1)
 
     def build(self, diffusion: UniformDiffusion):
         if self.kind == "cp":
@@ -52,13 +55,15 @@ class SamplerSpec:
 
 
 def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
-    """Parse 'cp:8', 'cp:8:max', 'cp:8:min:official', 'cl:8x10', 'mean' or 'classifier'."""
+    """Parse 'cp:8', 'cp:8:max', 'cp:8:min:official', 'cl:8x10', 'mean', 'classifier' or 'tta:8'."""
     parts = text.strip().lower().split(":")
     kind = parts[0]
     try:
         if kind in ("mean", "classifier") and len(parts) == 1:
             return SamplerSpec(kind, steps=1, eps=eps)
-        if kind == "cp" and 2 <= len(parts) <= 4:
+        if kind == "tta" and len(parts) == 2:
+            spec = SamplerSpec("tta", steps=int(parts[1]), eps=eps)
+        elif kind == "cp" and 2 <= len(parts) <= 4:
             mode = parts[2] if len(parts) > 2 else "min"
             grid = parts[3] if len(parts) > 3 else "consistent"
             if mode not in CP_MODES or grid not in GRIDS:
@@ -74,7 +79,7 @@ def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
             raise ValueError
     except ValueError:
         raise ConfigError(f"cannot read sampler {text!r}; examples: cp:8, cp:2:max, cp:8:min:official, cl:8x10, "
-                          "mean, classifier") from None
+                          "mean, classifier, tta:8") from None
     if spec.steps <= 0 or spec.chains <= 0:
         raise ConfigError(f"sampler {text!r}: steps and chains must be positive")
     return spec
@@ -86,11 +91,20 @@ def _is_diffusion(model) -> bool:
 
 @torch.no_grad()
 def predict(model, images: torch.Tensor, spec: SamplerSpec, diffusion: UniformDiffusion | None = None,
-            generator: torch.Generator | None = None, return_trajectory: bool = False, features=None):
+            generator: torch.Generator | None = None, return_trajectory: bool = False, features=None,
+            augment=None):
     """Class probabilities [B, K] for a batch (and the CP trajectory [B, S+1, K] / CL chains if asked).
 
     ``features``: the output of ``model.encode(images)`` if already computed (shared across samplers).
+    ``augment``: ``augment(images, generator) -> images``, the random views of 'tta' (e.g. the data set's
+    ``batch_augment()``).
     """
+    if spec.kind == "tta":
+        if _is_diffusion(model) or augment is None:
+            raise ConfigError("sampler 'tta:S' needs a plain classifier and an augmentation for the extra views")
+        views = [images] + [augment(images, generator) for _ in range(spec.steps - 1)]
+        probs = torch.stack([torch.softmax(model(view).float(), dim=1) for view in views]).mean(dim=0)
+        return (probs, probs[:, None]) if return_trajectory else probs
     if spec.kind == "classifier":
         if _is_diffusion(model):
             raise ConfigError("sampler 'classifier' is for plain classifiers; use cp:S, cl:SxN or mean for DiDiCM")
@@ -112,7 +126,7 @@ def predict(model, images: torch.Tensor, spec: SamplerSpec, diffusion: UniformDi
 
 @torch.no_grad()
 def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusion | None = None,
-             seed: int = 0, num_classes: int | None = None) -> dict[str, dict]:
+             seed: int = 0, num_classes: int | None = None, augment=None) -> dict[str, dict]:
     """Metrics for each sampler on the same images, encoding each batch once.
 
     Returns {spec name: {top1, top5, nll, ece, brier, entropy, aurc, images_per_second,
@@ -136,7 +150,7 @@ def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusi
             started = time.perf_counter()
             want_steps = spec.kind == "cp"
             out = predict(model, images, spec, diffusion, generator, return_trajectory=want_steps,
-                          features=features)
+                          features=features, augment=augment)
             probs, trajectory = out if want_steps else (out, None)
             seconds[spec.name] += time.perf_counter() - started + (encode_time if features is not None else 0.0)
             if num_classes is not None and probs.shape[1] != num_classes:
