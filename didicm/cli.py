@@ -14,7 +14,7 @@ __all__ = ["main"]
 DEMO_CONFIG = {
     "data": {"dataset": "digits", "val_size": 0.1},
     "model": {"name": "didirn18", "kwargs": {"stem": "small", "width": 16}},
-    "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 64, "steps": 200, "warmup_steps": 20,
+    "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 64, "steps": 600, "warmup_steps": 30,
               "clip_grad": None},
     "diffusion": {"t_sampling": "antithetic"},
     "eval": {"sampler": "cp", "steps": 8},
