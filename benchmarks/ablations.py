@@ -134,12 +134,12 @@ def _rows(results: dict, cell: str) -> list[dict]:
     rows = []
     for key, r in sorted(results.items(), key=lambda kv: (kv[1]["arm"] != "twin", kv[0])):
         if key.startswith(cell + "/"):
-            best, fixed = r["val"][r["best"]], r["val"].get("cp:8", r["val"].get("tta:8", r["val"][r["best"]]))
+            best = r["val"][r["best"]]
+            fixed = r["val"].get("cp:8", r["val"].get("tta:8"))  # None for runs made before tta existed
             rows.append({"variant": r["variant"], "seed": r["seed"], "overrides": " ".join(r["overrides"]) or "-",
                          "best": r["best"], "top1": best["top1"], "nll": best["nll"], "ece": best["ece"],
-                         "cp:8/tta:8 top1": fixed["top1"] if fixed is not best else None,
-                         "nll ": fixed["nll"] if fixed is not best else None,
-                         "ece ": fixed["ece"] if fixed is not best else None,
+                         "cp:8/tta:8 top1": fixed["top1"] if fixed else None,
+                         "nll ": fixed["nll"] if fixed else None, "ece ": fixed["ece"] if fixed else None,
                          "train s": r["train_seconds"]})
     return rows
 
