@@ -63,16 +63,8 @@ def bench_forward(names: list[str], size: int, batch: int, warmup: int, repeats:
         twin = timm.create_model(f"{name}_twin", **settings).eval()
         calls = {name: lambda n=cut, m=didirn: m(x[:n], c[:n], sigma[:n]),
                  f"{name}_twin": lambda n=cut, m=twin: m(x[:n])}
-        timings = {key: [] for key in calls}
-        with torch.no_grad():
-            for _ in range(warmup):
-                for call in calls.values():
-                    call()
-            for _ in range(repeats):
-                for key, call in calls.items():
-                    start = time.perf_counter()
-                    call(batch)
-                    timings[key].append(time.perf_counter() - start)
+        timings = _time_calls({key: (lambda call=call: call(batch)) for key, call in calls.items()}, warmup,
+                              repeats, warm_calls=calls)
         ratio = statistics.median(a / b for a, b in zip(timings[name], timings[f"{name}_twin"], strict=True))
         for variant, model in ((name, didirn), (f"{name}_twin", twin)):
             seconds = statistics.median(timings[variant])
@@ -85,6 +77,22 @@ def bench_forward(names: list[str], size: int, batch: int, warmup: int, repeats:
                   + (f"  ({ratio:.2f} x twin)" if variant == name else ""), flush=True)
         del didirn, twin
     return rows
+
+
+def _time_calls(calls: dict, warmup: int, repeats: int, warm_calls: dict | None = None) -> dict[str, list[float]]:
+    """Seconds of each call per repeat, the calls interleaved within a repeat so that load from other jobs hits
+    them alike. ``warm_calls`` (default ``calls``) run ``warmup`` times first."""
+    timings = {key: [] for key in calls}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for call in (warm_calls or calls).values():
+                call()
+        for _ in range(repeats):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                timings[key].append(time.perf_counter() - start)
+    return timings
 
 
 def bench_cp(kind: str, size: int, batch: int, warmup: int, repeats: int) -> dict:
@@ -108,16 +116,7 @@ def bench_cp(kind: str, size: int, batch: int, warmup: int, repeats: int) -> dic
     calls = {"one_pass": lambda: baseline(x)}
     for steps, sampler in samplers.items():
         calls[steps] = lambda s=sampler: s.run(model.score, model.encode(x))
-    timings = {key: [] for key in calls}
-    with torch.no_grad():
-        for _ in range(warmup):
-            for call in calls.values():
-                call()
-        for _ in range(repeats):
-            for key, call in calls.items():
-                start = time.perf_counter()
-                call()
-                timings[key].append(time.perf_counter() - start)
+    timings = _time_calls(calls, warmup, repeats)
     one_pass = statistics.median(timings["one_pass"])
     row = dict(model=kind, baseline=baseline_name, size=size, batch=batch, **settings,
                baseline_ms_per_image=1000 * one_pass / batch, cp={})

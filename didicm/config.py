@@ -17,7 +17,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "ModelConfig", "DiffusionConfig", "OptimConfig", "EvalConfig", "TrainConfig",
-           "load_config", "apply_overrides", "config_from_dict"]
+           "load_config", "apply_overrides", "config_from_dict", "merge_dicts"]
 
 
 @dataclass
@@ -209,16 +209,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
-        values = _merge(values, loaded)
+        values = merge_dicts(values, loaded)
     values = apply_overrides(values, overrides or [])
     return config_from_dict(values)
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge_dicts(base: dict, update: dict) -> dict:
+    """``update`` laid over ``base``, section by section (a new dict; neither input changes)."""
     out = _deep_copy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out

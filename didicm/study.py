@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import config_from_dict
+from .config import config_from_dict, merge_dicts
 from .data import create_dataset
 from .errors import ConfigError
 from .evaluation import evaluate, parse_sampler, predict
@@ -57,15 +57,8 @@ def load_study(path: str | Path) -> dict:
     return spec
 
 
-def _merge(base: dict, update: dict) -> dict:
-    out = json.loads(json.dumps(base))
-    for key, value in update.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def _cell_config(spec: dict, arm: str, resolution: int, ratio: float, seed: int) -> dict:
-    values = _merge(spec["base"], spec["arms"][arm])
+    values = merge_dicts(spec["base"], spec["arms"][arm])
     data = values.setdefault("data", {})
     data["dataset"] = spec["dataset"]
     data["data_ratio"] = ratio
