@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from didicm.config import apply_overrides, config_from_dict  # noqa: E402
@@ -24,6 +26,10 @@ from didicm.loader import eval_batches  # noqa: E402
 from didicm.report import format_table, markdown_table, write_json  # noqa: E402
 from didicm.study import load_study  # noqa: E402
 from didicm.training import train  # noqa: E402
+
+NARROW_TIMM = "{channels: [16, 32, 64, 128], stem_width: 16}"
+# DiDiCM's CP label mode and time grid, judged on the same trained network (no extra training)
+LABEL_MODES = ("cp:8:max", "cp:8:random", "cp:8:min:official")
 
 # name -> (arm the overrides start from, overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -48,6 +54,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "twin_mixup": ("twin", ["optim.mixup=0.2", "optim.cutmix=1.0"]),
     "long": ("didicm", ["optim.steps=*2"]),
     "twin_long": ("twin", ["optim.steps=*2"]),
+    "long4": ("didicm", ["optim.steps=*4"]),
+    "twin_long4": ("twin", ["optim.steps=*4"]),
+    "aug": ("didicm", ["data.augment=true"]),
+    "twin_aug": ("twin", ["data.augment=true"]),
+    # the paper's baseline: a stock timm ResNet-18 (7x7 stride-2 stem + max-pool, stride 4) at the study's width
+    "timm_resnet18": ("twin", ["model.name=resnet18", f"model.kwargs={NARROW_TIMM}"]),
+    # DiDiCM as a backbone wrapper: the same stock ResNet-18 encodes once, a conditioned head runs per step
+    "wrapper": ("didicm", ["model.name=didicm:resnet18", f"model.kwargs={NARROW_TIMM}"]),
 }
 
 
@@ -101,17 +115,20 @@ def main() -> int:
             if result.diffusion is None:  # the TTA views are the compute-matched control for cp:S
                 specs = [parse_sampler("classifier")] + [parse_sampler(f"tta:{s}") for s in (2, 4, 8)]
             else:
-                specs = [parse_sampler(s) for s in spec["samplers"] if not s.startswith("cl")]
+                specs = [parse_sampler(s) for s in (*spec["samplers"], *LABEL_MODES) if not s.startswith("cl")]
                 if config.model.kwargs.get("parametrization") == "mean":
                     specs.append(parse_sampler("mean"))
             scores = evaluate(result.model, eval_batches(val_set, 512, limit=spec.get("val_limit")), specs,
                               result.diffusion, seed=seed, num_classes=val_set.num_classes,
                               augment=val_set.batch_augment())
-            best = "classifier" if result.diffusion is None else max(scores, key=lambda s: scores[s]["top1"])
+            # the best sampler is chosen among the study's own samplers only (label modes are reported, not picked)
+            best = "classifier" if result.diffusion is None else \
+                max((s for s in scores if s not in LABEL_MODES), key=lambda s: scores[s]["top1"])
             results[key] = {"variant": name, "arm": arm, "overrides": overrides, "seed": seed, "best": best,
                             "val": {s: {k: m[k] for k in ("top1", "nll", "ece", "brier")} for s, m in scores.items()},
                             "train_seconds": result.metrics["train_seconds"],
-                            "seconds": round(time.perf_counter() - started, 1), "steps": config.optim.steps}
+                            "seconds": round(time.perf_counter() - started, 1), "steps": config.optim.steps,
+                            "device": _device_name(result.model)}
             write_json(out, results)
             m = scores[best]
             print(f"{key}: {best} top1 {m['top1']:.2f} nll {m['nll']:.3f} ece {m['ece']:.3f} "
@@ -126,8 +143,13 @@ def main() -> int:
             "for the twin, `tta:8` (its softmax averaged over the image and 7 random crops/flips).", ""]
     for cell in cells:
         text += [markdown_table(_rows(results, cell), title=f"cell {cell}"), ""]
-    (out.parent / "ablations.md").write_text("\n".join(text))
+    out.with_suffix(".md").write_text("\n".join(text))
     return 0
+
+
+def _device_name(model) -> str:
+    parameter = next(model.parameters())
+    return torch.cuda.get_device_name(parameter.device) if parameter.is_cuda else "cpu"
 
 
 def _rows(results: dict, cell: str) -> list[dict]:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import DidicmError
+from .errors import ConfigError, DidicmError
 
 __all__ = ["main"]
 
@@ -82,6 +82,9 @@ def _study_parser(sub) -> None:
     p = sub.add_parser("study", help="DiDiCM vs its twin over a grid of resolutions and data ratios (resumable)")
     p.add_argument("config", help="study YAML, e.g. configs/study_fashion_mnist.yaml")
     p.add_argument("--only", action="append", help="run only this cell, e.g. res7_ratio0.02_seed0 (repeatable)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="cells run in parallel worker processes (helps a GPU, whose small kernels leave it idle)")
+    p.add_argument("--no-aggregate", action="store_true", help="run cells only; skip study.json and the report")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -207,7 +210,12 @@ def _cmd_demo(args) -> int:
 def _cmd_study(args) -> int:
     from .study import run_study
 
-    study = run_study(args.config, progress=not args.no_progress, only=args.only)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    study = run_study(args.config, progress=not args.no_progress, only=args.only, jobs=args.jobs,
+                      aggregate_results=not args.no_aggregate)
+    if study is None:
+        return 0
     print(f"{len(study['cells'])} cells aggregated; report in {study['config']} -> see the output folder")
     return 0
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -85,6 +87,9 @@ def _recipe_hash(spec: dict, resolution: int, ratio: float, seed: int) -> str:
 
 
 def _commit() -> str:
+    """The checkout's commit (``-dirty`` if tracked files changed); DIDICM_COMMIT names it where there is no git."""
+    if os.environ.get("DIDICM_COMMIT"):
+        return os.environ["DIDICM_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -155,19 +160,30 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                                     torch.Generator().manual_seed(seed), return_trajectory=True)
             record["trajectories"] = {"images": images.cpu(), "labels": targets.cpu(),
                                       "trajectory": trajectory.cpu(), "classes": list(test_set.classes)}
+        record["device"] = torch.cuda.get_device_name(next(model.parameters()).device) \
+            if next(model.parameters()).is_cuda else "cpu"
     record["wall_seconds"] = round(time.perf_counter() - started, 2)
     return record
 
 
-def run_study(path: str | Path, progress: bool = True, log=print, only: list[str] | None = None) -> dict:
+def run_study(path: str | Path, progress: bool = True, log=print, only: list[str] | None = None, jobs: int = 1,
+              aggregate_results: bool = True) -> dict | None:
     """Run every missing cell of the study at ``path`` (YAML), then aggregate. Resumable: finished cells are
-    read back, not recomputed, unless their recipe changed."""
+    read back, not recomputed, unless their recipe changed.
+
+    ``jobs`` > 1 runs the missing cells in that many worker processes (``didicm study --only ...``), which
+    keeps a GPU busy with the study's small networks; each worker writes its cells as they finish.
+    """
     spec = load_study(path)
     out = Path(spec["output"])
     cells_dir = out / "cells"
     grid = [(r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]]
     if only:
+        unknown = set(only) - {_cell_name(*cell) for cell in grid}
+        if unknown:
+            raise ConfigError(f"unknown cells {sorted(unknown)}; names look like res7_ratio0.02_seed0")
         grid = [cell for cell in grid if _cell_name(*cell) in only]
+    missing = []
     for index, (resolution, ratio, seed) in enumerate(grid, 1):
         path_cell = cells_dir / f"{_cell_name(resolution, ratio, seed)}.json"
         if path_cell.exists():
@@ -176,12 +192,37 @@ def run_study(path: str | Path, progress: bool = True, log=print, only: list[str
                 log(f"cell {index}/{len(grid)} {path_cell.stem}: cached")
                 continue
             log(f"cell {index}/{len(grid)} {path_cell.stem}: recipe changed, recomputing")
-        log(f"cell {index}/{len(grid)} {path_cell.stem}: running")
-        record = run_cell(spec, resolution, ratio, seed, progress, log)
-        write_json(path_cell, record)
-        log(f"cell {path_cell.stem}: twin {record['twin']['top1']:.2f}%, DiDiCM {record['didicm']['top1']:.2f}% "
-            f"({record['didicm']['sampler']}), {record['wall_seconds']:.0f} s")
+        missing.append((resolution, ratio, seed))
+    if jobs > 1 and len(missing) > 1:
+        _run_workers(path, [_cell_name(*cell) for cell in missing], jobs, log)
+    else:
+        for index, (resolution, ratio, seed) in enumerate(missing, 1):
+            path_cell = cells_dir / f"{_cell_name(resolution, ratio, seed)}.json"
+            log(f"cell {path_cell.stem} ({index}/{len(missing)} to run): running")
+            record = run_cell(spec, resolution, ratio, seed, progress, log)
+            write_json(path_cell, record)
+            log(f"cell {path_cell.stem}: twin {record['twin']['top1']:.2f}%, DiDiCM {record['didicm']['top1']:.2f}% "
+                f"({record['didicm']['sampler']}), {record['wall_seconds']:.0f} s")
+    if not aggregate_results:
+        return None
     return aggregate(spec, command=" ".join(["didicm", "study", str(path)]))
+
+
+def _run_workers(path: str | Path, names: list[str], jobs: int, log) -> None:
+    """Split ``names`` round-robin over ``jobs`` ``didicm study --only`` processes and wait for all of them."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    workers = []
+    for worker in range(min(jobs, len(names))):
+        mine = names[worker::jobs]
+        command = [sys.executable, "-m", "didicm.cli", "study", str(path), "--no-progress", "--no-aggregate"]
+        for name in mine:
+            command += ["--only", name]
+        log(f"worker {worker}: {', '.join(mine)}")
+        workers.append(subprocess.Popen(command, env=env))
+    failed = [i for i, w in enumerate(workers) if w.wait() != 0]
+    if failed:
+        raise ConfigError(f"study workers {failed} failed (their finished cells are kept; re-run to continue)")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
