@@ -118,7 +118,8 @@ def main() -> int:
                 specs = [parse_sampler(s) for s in (*spec["samplers"], *LABEL_MODES) if not s.startswith("cl")]
                 if config.model.kwargs.get("parametrization") == "mean":
                     specs.append(parse_sampler("mean"))
-            scores = evaluate(result.model, eval_batches(val_set, 512, limit=spec.get("val_limit")), specs,
+            device = next(result.model.parameters()).device
+            scores = evaluate(result.model, eval_batches(val_set, 512, device, limit=spec.get("val_limit")), specs,
                               result.diffusion, seed=seed, num_classes=val_set.num_classes,
                               augment=val_set.batch_augment())
             # the best sampler is chosen among the study's own samplers only (label modes are reported, not picked)

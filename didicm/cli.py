@@ -51,12 +51,26 @@ def _eval_parser(sub) -> None:
     _add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--sampler", action="append", default=[],
-                   help="cp:8, cp:2:max, cp:8:min:official, cl:8x10, mean, classifier (repeatable)")
+                   help="cp:8, cp:2:max, cp:8:min:official, cl:8x10, mean, classifier, dc:20, dc:20:adaptive "
+                        "(repeatable)")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here (default: RUN/eval_<split>.json)")
+
+
+def _probe_parser(sub) -> None:
+    p = sub.add_parser("probe", help="linear probe on a generative 'unet' model's features (block and t chosen "
+                                     "on validation), evaluated on the test split")
+    p.add_argument("checkpoint", help="run folder or model.safetensors of a model trained with model.name=unet")
+    p.add_argument("--times", type=int, nargs="+", default=[25, 100, 250], help="candidate noise levels t")
+    p.add_argument("--blocks", nargs="+", help="candidate blocks (default: all: down0.., mid, up0..)")
+    p.add_argument("--train-limit", type=int, help="fit on the first N training images only")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="write the results here (default: RUN/probe.json)")
 
 
 def _predict_parser(sub) -> None:
@@ -96,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     _predict_parser(sub)
     _demo_parser(sub)
     _study_parser(sub)
+    _probe_parser(sub)
     return parser
 
 
@@ -131,8 +146,55 @@ def _print_results(results: dict, title: str) -> None:
     print(format_table(rows, [c for c in columns if any(c in r for r in rows)], title=title))
 
 
-def _cmd_eval(args) -> int:
+def _dataset_of(meta: dict, split: str, args=None):
+    """The split of the data set a checkpoint was trained on (command-line data options override it)."""
     from .data import create_dataset
+
+    data_cfg = meta["config"]["data"]
+
+    def pick(name: str, default):
+        value = getattr(args, name, None) if args is not None else None
+        return default if value is None else value
+
+    return create_dataset(pick("dataset", None) or data_cfg["dataset"], split, root=pick("root", data_cfg["root"]),
+                          image_size=meta.get("image_size") or data_cfg["image_size"],
+                          degradation=pick("degradation", data_cfg["degradation"]),
+                          val_size=data_cfg["val_size"], seed=data_cfg["split_seed"],
+                          on_bad_image=pick("on_bad_image", None) or data_cfg["on_bad_image"])
+
+
+def _cmd_probe(args) -> int:
+    from . import peers
+    from .errors import CheckpointError
+    from .evaluation import evaluate, parse_sampler
+    from .loader import eval_batches
+    from .report import write_json
+    from .training import load_trained_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, _, meta = load_trained_model(args.checkpoint, device)
+    if meta.get("method") != "generative":
+        raise CheckpointError(f"{args.checkpoint} holds a {meta.get('method', 'unknown')!r} model "
+                              f"({meta.get('model_name')}); the feature probe needs a generative model "
+                              "(didicm train --set model.name=unet)")
+    train_set, val_set, test_set = (_dataset_of(meta, split) for split in ("train", "val", "test"))
+    probe, rows = peers.fit_feature_probe(
+        model, lambda: eval_batches(train_set, args.batch_size, device, limit=args.train_limit),
+        lambda: eval_batches(val_set, args.batch_size, device), args.times, args.blocks, seed=args.seed)
+    results = evaluate(probe, eval_batches(test_set, args.batch_size, device), [parse_sampler("classifier")],
+                       seed=args.seed, num_classes=test_set.num_classes)
+    for row in rows:
+        print(f"  block {row['block']:>6}  t {row['t']:>4}  val top-1 {row['val_top1']:.2f}")
+    _print_results(results, f"test, linear probe on block {probe.block} at t={probe.t}")
+    out = Path(args.json) if args.json else Path(args.checkpoint if Path(args.checkpoint).is_dir()
+                                                 else Path(args.checkpoint).parent) / "probe.json"
+    write_json(out, {"checkpoint": str(args.checkpoint), "block": probe.block, "t": probe.t, "candidates": rows,
+                     "test": results["classifier"]})
+    print(f"results written to {out}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
     from .evaluation import evaluate, parse_sampler
     from .loader import eval_batches
     from .report import write_json
@@ -140,13 +202,7 @@ def _cmd_eval(args) -> int:
 
     device = resolve_device(args.device)
     model, diffusion, meta = load_trained_model(args.checkpoint, device)
-    data_cfg = meta["config"]["data"]
-    dataset = create_dataset(args.dataset or data_cfg["dataset"], args.split,
-                             root=args.root if args.root is not None else data_cfg["root"],
-                             image_size=meta.get("image_size") or data_cfg["image_size"],
-                             degradation=args.degradation if args.degradation is not None else data_cfg["degradation"],
-                             val_size=data_cfg["val_size"], seed=data_cfg["split_seed"],
-                             on_bad_image=args.on_bad_image or data_cfg["on_bad_image"])
+    dataset = _dataset_of(meta, args.split, args)
     if dataset.num_classes != meta["num_classes"]:
         raise DidicmError(f"the checkpoint predicts {meta['num_classes']} classes but {dataset!r} has "
                           f"{dataset.num_classes}; evaluate on the data set the model was trained for")
@@ -220,7 +276,8 @@ def _cmd_study(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "study": _cmd_study}
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "study": _cmd_study,
+            "probe": _cmd_probe}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,9 @@
 A *sampler spec* names how probabilities are made: ``cp:8`` (CP, 8 steps), ``cp:8:max`` (label mode),
 ``cp:8:min:official`` (the official time grid), ``cl:8x10`` (CL, 8 steps, 10 chains), ``mean`` (one pass of a
 'mean'-parametrized model), ``classifier`` (softmax of a plain classifier's logits), ``tta:8`` (a classifier's
-softmax averaged over the image and 7 augmented views: the compute-matched control for ``cp:8``).
+softmax averaged over the image and 7 augmented views: the compute-matched control for ``cp:8``), ``dc:20``
+(the Diffusion Classifier of a generative 'unet' model: 20 shared draws per class; ``dc:20:adaptive`` spends
+the last three quarters of the draws on the likeliest classes only).
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ from dataclasses import dataclass
 
 import torch
 
+from . import peers
 from .diffusion import CLSampler, CPSampler, UniformDiffusion
 from .diffusion.samplers import CP_MODES, GRIDS
 from .errors import ConfigError
 from .metrics import MetricAccumulator
+from .models.unet import is_generative_model
 
 __all__ = ["SamplerSpec", "parse_sampler", "predict", "evaluate"]
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    kind: str  # cp | cl | mean | classifier | tta
+    kind: str  # cp | cl | mean | classifier | tta | dc
     steps: int = 8
     chains: int = 10
     mode: str = "min"
@@ -40,6 +44,8 @@ class SamplerSpec:
             return f"cl:{self.steps}x{self.chains}" + (f":{self.grid}" if self.grid != "consistent" else "")
         if self.kind == "tta":
             return f"tta:{self.steps}"
+        if self.kind == "dc":
+            return f"dc:{self.steps}" + (":adaptive" if self.mode == "adaptive" else "")
         return self.kind
 
     @property
@@ -55,7 +61,8 @@ class SamplerSpec:
 
 
 def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
-    """Parse 'cp:8', 'cp:8:max', 'cp:8:min:official', 'cl:8x10', 'mean', 'classifier' or 'tta:8'."""
+    """Parse 'cp:8', 'cp:8:max', 'cp:8:min:official', 'cl:8x10', 'mean', 'classifier', 'tta:8', 'dc:20' or
+    'dc:20:adaptive'."""
     parts = text.strip().lower().split(":")
     kind = parts[0]
     try:
@@ -63,6 +70,10 @@ def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
             return SamplerSpec(kind, steps=1, eps=eps)
         if kind == "tta" and len(parts) == 2:
             spec = SamplerSpec("tta", steps=int(parts[1]), eps=eps)
+        elif kind == "dc" and 2 <= len(parts) <= 3:
+            if len(parts) == 3 and parts[2] != "adaptive":
+                raise ValueError
+            spec = SamplerSpec("dc", steps=int(parts[1]), mode=parts[2] if len(parts) == 3 else "full", eps=eps)
         elif kind == "cp" and 2 <= len(parts) <= 4:
             mode = parts[2] if len(parts) > 2 else "min"
             grid = parts[3] if len(parts) > 3 else "consistent"
@@ -79,7 +90,7 @@ def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
             raise ValueError
     except ValueError:
         raise ConfigError(f"cannot read sampler {text!r}; examples: cp:8, cp:2:max, cp:8:min:official, cl:8x10, "
-                          "mean, classifier, tta:8") from None
+                          "mean, classifier, tta:8, dc:20, dc:20:adaptive") from None
     if spec.steps <= 0 or spec.chains <= 0:
         raise ConfigError(f"sampler {text!r}: steps and chains must be positive")
     return spec
@@ -99,6 +110,14 @@ def predict(model, images: torch.Tensor, spec: SamplerSpec, diffusion: UniformDi
     ``augment``: ``augment(images, generator) -> images``, the random views of 'tta' (e.g. the data set's
     ``batch_augment()``).
     """
+    if is_generative_model(model) != (spec.kind == "dc"):
+        raise ConfigError("sampler 'dc:N' (the Diffusion Classifier) is for the generative 'unet' model, which has "
+                          "no other sampler" if spec.kind == "dc" else
+                          f"this is a generative 'unet' model: use --sampler dc:N (e.g. dc:20), not {spec.name!r}")
+    if spec.kind == "dc":
+        errors, _ = peers.classify(model, images, spec.steps, generator, adaptive=spec.mode == "adaptive")
+        probs = peers.probabilities(errors, model.error_scale)
+        return (probs, probs[:, None]) if return_trajectory else probs
     if spec.kind == "tta":
         if _is_diffusion(model) or augment is None:
             raise ConfigError("sampler 'tta:S' needs a plain classifier and an augmentation for the extra views")
@@ -164,8 +183,11 @@ def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusi
     results = {}
     for spec in specs:
         metrics = accumulators[spec.name].compute()
+        evaluations = spec.evaluations_per_image
+        if spec.kind == "dc":
+            evaluations = peers.evaluations_per_image(model.num_classes, spec.steps, spec.mode == "adaptive")
         metrics.update(images_per_second=count / max(seconds[spec.name], 1e-9), seconds=seconds[spec.name],
-                       evaluations_per_image=spec.evaluations_per_image, count=count, sampler=spec.name)
+                       evaluations_per_image=evaluations, count=count, sampler=spec.name)
         if step_correct[spec.name] is not None:
             metrics["step_top1"] = (100.0 * step_correct[spec.name].double() / count).tolist()
         results[spec.name] = metrics

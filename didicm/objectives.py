@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import UniformDiffusion, score_entropy
+from .errors import ConfigError
 
-__all__ = ["draw_times", "draw_noise", "diffusion_loss", "cross_entropy_loss", "noisy_label_cross_entropy"]
+__all__ = ["draw_times", "draw_noise", "diffusion_loss", "cross_entropy_loss", "noisy_label_cross_entropy",
+           "epsilon_loss"]
 
 
 def draw_times(batch: int, t_min: float, sampling: str, generator: torch.Generator | None = None,
@@ -104,3 +106,20 @@ def noisy_label_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, diffu
     sigma, _ = diffusion.schedule(t)
     clean = targets.float() if targets.ndim == 2 else F.one_hot(targets, logits.shape[1]).float()
     return cross_entropy_loss(logits, diffusion.noise_probs(clean, sigma))
+
+
+def epsilon_loss(model, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """DDPM's simple loss for the class-conditional image diffusion model (the generative peer), per image [B]:
+    ||eps - eps_theta(x_t, t, c)||^2 averaged over pixels, t ~ U{0..T-1}, and the label replaced by the null
+    class with probability ``label_dropout`` (so the same network also predicts unconditionally)."""
+    inner = getattr(model, "module", model)  # DDP keeps the model's attributes on .module
+    if targets.ndim != 1:
+        raise ConfigError("the generative model trains on hard labels; turn off mixup/cutmix (optim.mixup=0, "
+                          "optim.cutmix=0)")
+    batch = images.shape[0]
+    t = torch.randint(0, inner.timesteps, (batch,), device=images.device)
+    noise = torch.randn_like(images)
+    drop = torch.rand(batch, device=images.device) < inner.label_dropout
+    labels = torch.where(drop, torch.full_like(targets, inner.null_class), targets)
+    predicted = model(inner.add_noise(images, t, noise), t, labels)
+    return (predicted.float() - noise.float()).pow(2).flatten(1).mean(1)

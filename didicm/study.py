@@ -285,6 +285,64 @@ def _figures(spec: dict, cells: list[dict], out: Path) -> list[str]:
     return figures
 
 
+def _cell_commits(cells: list[dict]) -> str:
+    return ", ".join(sorted({c.get("commit", "unknown") for c in cells}))
+
+
+def _devices(cells: list[dict]) -> str:
+    return "run on " + ", ".join(sorted({c.get("device", "unknown device") for c in cells}))
+
+
+def _wall(cells: list[dict]) -> str:
+    walls = [c["wall_seconds"] for c in cells]
+    return f"{min(walls):.0f}-{max(walls):.0f} s, {sum(walls) / 60:.1f} min in all"
+
+
+def _fixed_sampler_table(groups: dict, sampler: str) -> str:
+    """DiDiCM with a sampler fixed in advance (no selection on validation) against the twin."""
+    rows = []
+    for (resolution, ratio), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
+        fixed = [c["didicm_samplers"]["test"][sampler] for c in group]
+        rows.append({"resolution": f"{resolution} px", "data ratio": ratio,
+                     "twin top-1": statistics.fmean(c["twin"]["top1"] for c in group),
+                     f"{sampler} top-1": statistics.fmean(f["top1"] for f in fixed),
+                     "gap": "{:+.2f} ± {:.2f}".format(*_mean_std([f["top1"] - c["twin"]["top1"]
+                                                                for f, c in zip(fixed, group, strict=True)])),
+                     "twin NLL": statistics.fmean(c["twin"]["nll"] for c in group),
+                     f"{sampler} NLL": statistics.fmean(f["nll"] for f in fixed),
+                     "twin ECE": statistics.fmean(c["twin"]["ece"] for c in group),
+                     f"{sampler} ECE": statistics.fmean(f["ece"] for f in fixed),
+                     "twin Brier": statistics.fmean(c["twin"]["brier"] for c in group),
+                     f"{sampler} Brier": statistics.fmean(f["brier"] for f in fixed)})
+    return markdown_table(rows, title=f"DiDiCM with {sampler} fixed in advance (no sampler selection), mean over "
+                                      "seeds")
+
+
+def _peers_table(groups: dict, peers: dict) -> str:
+    """The generative peers beside DiDiCM and the twin in the cells where they ran (means over seeds)."""
+    rows = []
+    for key in sorted({(p["resolution"], p["data_ratio"]) for p in peers.values()}, key=lambda k: (-k[0], -k[1])):
+        runs = [p for p in peers.values() if (p["resolution"], p["data_ratio"]) == key]
+        cells = groups.get(key, [])
+        methods = [("twin (cross-entropy)", [c["twin"] for c in cells], [c["twin"]["train_seconds"] for c in cells]),
+                   ("DiDiCM, best sampler", [c["didicm"] for c in cells],
+                    [c["didicm"]["train_seconds"] for c in cells]),
+                   ("DiDiCM, cp:8", [c["didicm_samplers"]["test"]["cp:8"] for c in cells],
+                    [c["didicm"]["train_seconds"] for c in cells])]
+        for name in sorted({m for p in runs for m in p if m.startswith("dc:")}) + ["probe"]:
+            label = {"probe": "diffusion features + linear probe"}.get(name, f"Diffusion Classifier {name}")
+            methods.append((label, [p[name] for p in runs if name in p], [p["train_seconds"] for p in runs]))
+        for label, scores, seconds in methods:
+            if not scores:
+                continue
+            rows.append({"cell": f"{key[0]} px, ratio {key[1]:g}", "method": label, "seeds": len(scores),
+                         **{m: statistics.fmean(s[m] for s in scores) for m in METRICS},
+                         "test images": int(statistics.fmean(s.get("count", 0) for s in scores)),
+                         "network evals / image": statistics.fmean(s["evaluations_per_image"] for s in scores),
+                         "train s": statistics.fmean(seconds)})
+    return markdown_table(rows, title="generative peers beside DiDiCM and the twin (test split)")
+
+
 def _report(spec: dict, cells: list[dict], command: str, figures: list[str]) -> str:
     groups = _groups(cells)
     rows, wins = [], 0
@@ -301,12 +359,19 @@ def _report(spec: dict, cells: list[dict], command: str, figures: list[str]) -> 
                      "NLL gap": f"{nll[0]:+.3f}", "ECE gap": f"{ece[0]:+.3f}",
                      "samplers": ", ".join(sorted({c["didicm"]["sampler"] for c in group}))})
     lines = [f"# DiDiCM vs its twin on {spec['dataset']}", "",
-             f"Produced by `{command}` at commit `{_commit()}` from `{spec['_path']}`.", "",
+             f"Produced by `{command}` at commit `{_cell_commits(cells)}` from `{spec['_path']}` "
+             f"({_devices(cells)}; wall time per cell {_wall(cells)}).", "",
              f"{len(cells)} finished cells; DiDiCM's mean top-1 is higher in {wins} of {len(groups)} "
              "(resolution, data ratio) settings. Gaps are DiDiCM minus twin, mean ± std over seeds; DiDiCM uses the "
              "sampler with the best validation top-1. Negative NLL/ECE gaps favour DiDiCM.", "",
-             markdown_table(rows), ""]
+             markdown_table(rows), "", _fixed_sampler_table(groups, "cp:8"), ""]
+    peers_path = Path(spec["output"]) / "peers.json"
+    if peers_path.exists():
+        lines += [_peers_table(groups, json.loads(peers_path.read_text())), ""]
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    findings = Path(spec["output"]) / "findings.md"
+    if findings.exists():  # the hand-written reading of these numbers and of the ablations
+        lines += ["", findings.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -24,6 +24,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from . import models as model_zoo
+from . import peers
 from .checkpoint import (
     flatten_optimizer_state,
     latest_checkpoint,
@@ -37,7 +38,7 @@ from .diffusion import UniformDiffusion, create_schedule
 from .errors import CheckpointError, ConfigError, DidicmError
 from .evaluation import SamplerSpec, evaluate
 from .loader import TrainStream, eval_batches, mix_seed
-from .objectives import cross_entropy_loss, diffusion_loss, noisy_label_cross_entropy
+from .objectives import cross_entropy_loss, diffusion_loss, epsilon_loss, noisy_label_cross_entropy
 
 __all__ = ["TrainingError", "TrainResult", "train", "build_model", "diffusion_from_config", "resolve_device",
            "load_trained_model", "default_eval_specs"]
@@ -79,12 +80,21 @@ def diffusion_from_config(diffusion_cfg: dict, num_classes: int) -> UniformDiffu
     return UniformDiffusion(num_classes, schedule)
 
 
+# the generative peer's end-of-training check: the Diffusion Classifier on the first validation images, which
+# also fits the scale that turns its errors into probabilities (K x draws network calls per image)
+GENERATIVE_EVAL_DRAWS = 10
+GENERATIVE_EVAL_IMAGES = 200
+
+
 def build_model(name: str, num_classes: int, in_chans: int, kwargs: dict | None = None) -> torch.nn.Module:
     return model_zoo.create(name, num_classes=num_classes, in_chans=in_chans, **(kwargs or {}))
 
 
 def default_eval_specs(model, eval_cfg) -> list[SamplerSpec]:
-    """The sampler of the config for DiDiCM models; the softmax for classifiers."""
+    """The sampler of the config for DiDiCM models; the softmax for classifiers; the Diffusion Classifier with
+    GENERATIVE_EVAL_DRAWS draws for the generative peer."""
+    if model_zoo.is_generative_model(model):
+        return [SamplerSpec("dc", steps=GENERATIVE_EVAL_DRAWS, mode="full")]
     if not model_zoo.is_diffusion_model(model):
         return [SamplerSpec("classifier")]
     if eval_cfg["sampler"] == "mean":
@@ -164,6 +174,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     torch.manual_seed(cfg.seed)  # model initialisation
     model = build_model(cfg.model.name, num_classes, in_chans, cfg.model.kwargs).to(device)
     is_diffusion = model_zoo.is_diffusion_model(model)
+    is_generative = model_zoo.is_generative_model(model)
+    if is_generative and (cfg.optim.noisy_labels or cfg.optim.mixup > 0 or cfg.optim.cutmix > 0
+                          or cfg.optim.label_smoothing > 0):
+        raise ConfigError("the generative 'unet' model trains on hard labels with the epsilon loss: set "
+                          "optim.noisy_labels=false, optim.mixup=0, optim.cutmix=0, optim.label_smoothing=0")
     # the noisy-label control arm draws its label noise from the same schedule as DiDiCM
     diffusion = diffusion_from_config(cfg.to_dict()["diffusion"], num_classes) \
         if is_diffusion or cfg.optim.noisy_labels else None
@@ -203,7 +218,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     meta_base = dict(config=cfg.to_dict(), classes=list(train_set.classes), num_classes=num_classes,
                      in_chans=in_chans, image_size=train_set.image_size, mean=list(train_set.mean),
                      std=list(train_set.std), model_name=cfg.model.name,
-                     model_kwargs=cfg.model.kwargs, method="didicm" if is_diffusion else "classifier",
+                     model_kwargs=cfg.model.kwargs,
+                     method="didicm" if is_diffusion else "generative" if is_generative else "classifier",
                      world_size=world)
 
     bar = None
@@ -218,7 +234,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             images, targets = mixup(images, targets)
         scheduler.step(step)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            if is_diffusion:
+            if is_generative:
+                loss = epsilon_loss(train_model, images, targets)
+            elif is_diffusion:
                 loss = diffusion_loss(train_model, diffusion, images, targets, t_min=cfg.diffusion.t_min,
                                       t_sampling=cfg.diffusion.t_sampling, ce_weight=cfg.diffusion.ce_weight)
             elif cfg.optim.noisy_labels:
@@ -279,7 +297,12 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         _save_state(ckpt_dir, step, model, optimizer, ema, meta_base, bad_total, cfg.keep_checkpoints,
                     stream.epoch_of(step))
         specs = default_eval_specs(final, cfg.to_dict()["eval"])
-        results = evaluate(final, eval_batches(val_set, cfg.eval.batch_size, device), specs, diffusion,
+        limit = None
+        if is_generative:
+            limit = GENERATIVE_EVAL_IMAGES
+            calibrate_error_scale(final, eval_batches(val_set, cfg.eval.batch_size, device, limit=limit),
+                                  GENERATIVE_EVAL_DRAWS, seed=cfg.seed)
+        results = evaluate(final, eval_batches(val_set, cfg.eval.batch_size, device, limit=limit), specs, diffusion,
                            seed=cfg.seed, num_classes=num_classes)
         metrics = {"val": results, "train_seconds": round(train_seconds, 2), "bad_steps": bad_total}
         save_checkpoint(run_dir / "model.safetensors", {f"model/{k}": v for k, v in final.state_dict().items()},
@@ -291,6 +314,22 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         dist.barrier()
     return TrainResult(run_dir, final, diffusion if is_diffusion else None, metrics, step, bad_total,
                        time.perf_counter() - started)
+
+
+@torch.no_grad()
+def calibrate_error_scale(model, batches, draws: int, seed: int = 0, adaptive: bool = False) -> float:
+    """Fit the generative model's ``error_scale`` (softmax(-scale * error) probabilities) to minimise the
+    Diffusion Classifier's NLL on ``batches`` (validation images); stores it in the model and returns it."""
+    model.eval()
+    errors, labels, generator = [], [], None
+    for images, targets in batches:
+        if generator is None:
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+        errors.append(peers.classify(model, images, draws, generator, adaptive=adaptive)[0].cpu())
+        labels.append(targets.cpu())
+    scale = peers.fit_error_scale(torch.cat(errors), torch.cat(labels))
+    model.error_scale.fill_(scale)
+    return scale
 
 
 def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict, bad_total: int, keep: int,

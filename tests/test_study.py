@@ -63,7 +63,7 @@ def test_study_jobs_runs_cells_in_worker_processes_and_matches_a_serial_run(tmp_
     one = json.loads((tmp_path / "serial" / "study.json").read_text())["cells"]
     two = json.loads((tmp_path / "parallel" / "study.json").read_text())["cells"]
     assert len(two) == 2
-    for a, b in zip(one, two):  # same seeds, same data: the workers reproduce the serial cells
+    for a, b in zip(one, two, strict=True):  # same seeds, same data: the workers reproduce the serial cells
         assert a["recipe"] == b["recipe"]
         for arm in ("twin", "didicm"):
             assert abs(a[arm]["top1"] - b[arm]["top1"]) <= 1.0
@@ -77,3 +77,25 @@ def test_study_rejects_unknown_cells_and_bad_job_counts(tmp_path, capsys):
     assert "unknown cells ['res3_ratio1_seed0']" in capsys.readouterr().err
     assert main(["study", str(config), "--jobs", "0"]) == 2
     assert "--jobs must be at least 1" in capsys.readouterr().err
+
+
+def test_report_shows_the_fixed_sampler_the_generative_peers_and_the_findings(tmp_path):
+    spec = dict(STUDY, resolutions=[8], data_ratios=[1.0], samplers=["cp:2", "cp:8"], trajectories=0,
+                output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    assert main(["study", str(config), "--no-progress"]) == 0
+    scores = {"top1": 90.0, "nll": 0.3, "ece": 0.05, "brier": 0.15, "evaluations_per_image": 40.0, "count": 50}
+    peers = {"res8_ratio1/seed0": {"resolution": 8, "data_ratio": 1.0, "seed": 0, "train_seconds": 12.0,
+                                   "dc:4": scores, "probe": dict(scores, top1=70.0, evaluations_per_image=1.0)}}
+    (tmp_path / "results" / "peers.json").write_text(json.dumps(peers))
+    (tmp_path / "results" / "findings.md").write_text("## Findings\nDiDiCM and the twin tie here.\n")
+    assert main(["study", str(config), "--no-progress"]) == 0
+    report = (tmp_path / "results" / "report.md").read_text()
+    assert "DiDiCM with cp:8 fixed in advance" in report
+    peer_rows = [line for line in report.splitlines() if line.startswith("| 8 px, ratio 1 |")]
+    assert [row.split("|")[2].strip() for row in peer_rows] == [
+        "twin (cross-entropy)", "DiDiCM, best sampler", "DiDiCM, cp:8", "Diffusion Classifier dc:4",
+        "diffusion features + linear probe"]
+    assert "| 70.00 |" in peer_rows[-1] and "| 90.00 |" in peer_rows[-2]
+    assert report.rstrip().endswith("DiDiCM and the twin tie here.")
