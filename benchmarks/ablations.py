@@ -92,6 +92,9 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["twin", "base"], choices=sorted(VARIANTS))
     parser.add_argument("--out", default="results/fashion-mnist/ablations.json")
     parser.add_argument("--runs", default="runs/ablations")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only merge these result files (e.g. scripts/gpu_study.sh's groups) into --out and "
+                             "write its table; trains nothing")
     args = parser.parse_args()
 
     spec = load_study(args.study)
@@ -99,7 +102,11 @@ def main() -> int:
     ratio = float(args.cell.split("_")[1][5:])
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    for name in args.variants:
+    for part in args.merge or []:
+        results.update(json.loads(Path(part).read_text()))
+    if args.merge:
+        write_json(out, results)
+    for name in [] if args.merge else args.variants:
         arm, overrides = VARIANTS[name]
         for seed in args.seeds:
             key = f"{args.cell}/{name}/seed{seed}"
@@ -134,9 +141,9 @@ def main() -> int:
             m = scores[best]
             print(f"{key}: {best} top1 {m['top1']:.2f} nll {m['nll']:.3f} ece {m['ece']:.3f} "
                   f"({results[key]['seconds']:.0f} s)", flush=True)
-    rows = _rows(results, args.cell)
-    print(format_table(rows, title=f"ablations, cell {args.cell} (validation split)"))
     cells = sorted({key.split("/")[0] for key in results})
+    for cell in cells if args.merge else [args.cell]:
+        print(format_table(_rows(results, cell), title=f"ablations, cell {cell} (validation split)"))
     text = ["# Recipe ablations (validation split; the test set is never used here)", "",
             f"Produced by `python benchmarks/ablations.py` from `{args.study}`; raw numbers in `{out.name}`. "
             "`best` is the sampler with the highest validation top-1 (a selection the twin does not get); "
@@ -163,7 +170,7 @@ def _rows(results: dict, cell: str) -> list[dict]:
                          "best": r["best"], "top1": best["top1"], "nll": best["nll"], "ece": best["ece"],
                          "cp:8/tta:8 top1": fixed["top1"] if fixed else None,
                          "nll ": fixed["nll"] if fixed else None, "ece ": fixed["ece"] if fixed else None,
-                         "train s": r["train_seconds"]})
+                         "train s": r["train_seconds"], "device": r.get("device", "cpu")})
     return rows
 
 

@@ -104,12 +104,19 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--out", default="results/fashion-mnist/peers.json")
     parser.add_argument("--runs", default="runs/peers")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only merge these result files (e.g. scripts/gpu_study.sh's parts) into --out; trains "
+                             "nothing")
     args = parser.parse_args()
 
     spec = load_study(args.study)
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    for cell in args.cells:
+    for part in args.merge or []:
+        results.update(json.loads(Path(part).read_text()))
+    if args.merge:
+        write_json(out, results)
+    for cell in [] if args.merge else args.cells:
         for seed in args.seeds:
             key = f"{cell}/seed{seed}"
             if key in results:
@@ -123,7 +130,7 @@ def main() -> int:
                   f"({r['probe']['block']}, t={r['probe']['t']}); UNet trained in {r['train_seconds']:.0f} s",
                   flush=True)
     rows = [{"cell": key, **{f"{m} top1": r[m]["top1"] for m in r if m.startswith("dc:") or m == "probe"},
-             "train s": r["train_seconds"]} for key, r in sorted(results.items())]
+             "train s": r["train_seconds"], "device": r.get("device")} for key, r in sorted(results.items())]
     print(format_table(rows, title="generative peers (test split)"))
     return 0
 

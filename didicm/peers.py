@@ -71,9 +71,11 @@ def classify(model, images: torch.Tensor, draws: int, generator: torch.Generator
              adaptive: bool = False, chunk: int | None = None) -> tuple[torch.Tensor, float]:
     """The Diffusion Classifier's mean errors [B, K] and its network evaluations per image.
 
-    ``adaptive``: a quarter of the draws scores every class; the remaining draws go to the max(2, ceil(K/5))
-    classes with the lowest error so far (eliminated classes keep their first-stage error, an estimate from the
-    same shared draws). Without it, all K classes get all ``draws`` draws.
+    ``adaptive``: every fourth draw (so all noise levels are represented) scores every class; the remaining draws
+    go only to the max(2, ceil(K/5)) classes with the lowest error so far. As in the paper, the prediction is the
+    best survivor; an eliminated class keeps its first-stage error, moved onto the full-draw scale by the
+    survivors' mean shift and never below the worst survivor, so its probability stays finite and lower.
+    Without it, all K classes get all ``draws`` draws.
     """
     model = _check(model)
     model.check_images(images)
@@ -85,18 +87,22 @@ def classify(model, images: torch.Tensor, draws: int, generator: torch.Generator
     cost = evaluations_per_image(classes, draws, adaptive)
     if not adaptive or draws < 4:
         return denoising_errors(model, images, all_classes, t, noise, chunk).mean(2), cost
-    first, keep = _stages(classes, draws)
-    errors = denoising_errors(model, images, all_classes, t[:, :first], noise[:, :first], chunk)
-    mean = errors.mean(2)
-    survivors = mean.topk(keep, dim=1, largest=False).indices
-    rest = denoising_errors(model, images, survivors, t[:, first:], noise[:, first:], chunk)
-    combined = (errors.gather(1, survivors[:, :, None].expand(-1, -1, first)).sum(2) + rest.sum(2)) / draws
-    return mean.scatter(1, survivors, combined), cost
+    _, keep = _stages(classes, draws)
+    first = torch.arange(0, draws, 4, device=images.device)
+    later = torch.tensor([n for n in range(draws) if n % 4], device=images.device)
+    screen = denoising_errors(model, images, all_classes, t[:, first], noise[:, first], chunk).mean(2)  # [B, K]
+    survivors = screen.topk(keep, dim=1, largest=False).indices
+    rest = denoising_errors(model, images, survivors, t[:, later], noise[:, later], chunk)
+    screened = screen.gather(1, survivors)
+    full = (screened * len(first) + rest.sum(2)) / draws  # survivors: the mean over all draws
+    shift = (full - screened).mean(1, keepdim=True)
+    errors = torch.maximum(screen + shift, full.max(1, keepdim=True).values)
+    return errors.scatter(1, survivors, full), cost
 
 
 def _stages(classes: int, draws: int) -> tuple[int, int]:
     """(draws on every class, classes kept for the remaining draws) of the adaptive Diffusion Classifier."""
-    return draws // 4, max(2, math.ceil(classes / 5))
+    return math.ceil(draws / 4), max(2, math.ceil(classes / 5))
 
 
 def evaluations_per_image(classes: int, draws: int, adaptive: bool = False) -> float:

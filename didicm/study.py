@@ -299,7 +299,9 @@ def _wall(cells: list[dict]) -> str:
 
 
 def _fixed_sampler_table(groups: dict, sampler: str) -> str:
-    """DiDiCM with a sampler fixed in advance (no selection on validation) against the twin."""
+    """DiDiCM with a sampler fixed in advance (no selection on validation) against the twin ('' if not run)."""
+    if any(sampler not in c["didicm_samplers"]["test"] for group in groups.values() for c in group):
+        return ""
     rows = []
     for (resolution, ratio), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
         fixed = [c["didicm_samplers"]["test"][sampler] for c in group]
@@ -327,11 +329,14 @@ def _peers_table(groups: dict, peers: dict) -> str:
         methods = [("twin (cross-entropy)", [c["twin"] for c in cells], [c["twin"]["train_seconds"] for c in cells]),
                    ("DiDiCM, best sampler", [c["didicm"] for c in cells],
                     [c["didicm"]["train_seconds"] for c in cells]),
-                   ("DiDiCM, cp:8", [c["didicm_samplers"]["test"]["cp:8"] for c in cells],
+                   ("DiDiCM, cp:8", [c["didicm_samplers"]["test"]["cp:8"] for c in cells
+                                     if "cp:8" in c["didicm_samplers"]["test"]],
                     [c["didicm"]["train_seconds"] for c in cells])]
         for name in sorted({m for p in runs for m in p if m.startswith("dc:")}) + ["probe"]:
             label = {"probe": "diffusion features + linear probe"}.get(name, f"Diffusion Classifier {name}")
-            methods.append((label, [p[name] for p in runs if name in p], [p["train_seconds"] for p in runs]))
+            # a result a later fix invalidated stays in peers.json, marked, but leaves the table
+            valid = [p[name] for p in runs if name in p and "superseded" not in p[name]]
+            methods.append((label, valid, [p["train_seconds"] for p in runs]))
         for label, scores, seconds in methods:
             if not scores:
                 continue

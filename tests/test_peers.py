@@ -135,6 +135,25 @@ def test_adaptive_elimination_spends_fewer_evaluations_and_counts_them():
     assert peers.evaluations_per_image(10, 8, adaptive=True) == evaluations
 
 
+def test_adaptive_screening_spans_all_noise_levels_and_predicts_the_best_survivor():
+    torch.manual_seed(0)
+    model = ConditionalUNet(10, in_chans=1, **SMALL).eval()
+    recorder = _Recorder(model)
+    images = torch.randn(4, 1, 8, 8)
+    errors, _ = peers.classify(model, images, draws=12, generator=torch.Generator().manual_seed(3), adaptive=True,
+                               chunk=10_000)
+    screen_t = recorder.calls[0][1].view(4, 10, 3)[:, 0]  # the first stage: 3 draws per image, every class
+    for column, n in enumerate((0, 4, 8)):  # draws 0, 4 and 8 of 12: early, middle and late in the chain
+        low, high = n * 200 / 12, (n + 1) * 200 / 12
+        assert ((screen_t[:, column] >= int(low)) & (screen_t[:, column] < high)).all()
+    kept = recorder.calls[1][2].view(4, 2, 9)[:, :, 0]  # the classes that got the other 9 draws
+    worst_survivor = errors.gather(1, kept).max(1).values
+    for b in range(4):
+        eliminated = [c for c in range(10) if c not in kept[b].tolist()]
+        assert (errors[b, eliminated] >= worst_survivor[b]).all()
+        assert errors[b].argmin().item() in kept[b].tolist()
+
+
 def test_error_scale_fit_recovers_the_true_temperature():
     generator = torch.Generator().manual_seed(0)
     errors = torch.rand(20000, 5, generator=generator)
