@@ -326,8 +326,9 @@ def _peers_table(groups: dict, peers: dict) -> str:
     for key in sorted({(p["resolution"], p["data_ratio"]) for p in peers.values()}, key=lambda k: (-k[0], -k[1])):
         runs = [p for p in peers.values() if (p["resolution"], p["data_ratio"]) == key]
         cells = groups.get(key, [])
-        methods = [("twin (cross-entropy)", [c["twin"] for c in cells], [c["twin"]["train_seconds"] for c in cells]),
-                   ("DiDiCM, best sampler", [c["didicm"] for c in cells],
+        methods = [("twin (cross-entropy)", [c["twin_samplers"]["test"]["classifier"] for c in cells],
+                    [c["twin"]["train_seconds"] for c in cells]),
+                   ("DiDiCM, best sampler", [c["didicm_samplers"]["test"][c["didicm"]["sampler"]] for c in cells],
                     [c["didicm"]["train_seconds"] for c in cells]),
                    ("DiDiCM, cp:8", [c["didicm_samplers"]["test"]["cp:8"] for c in cells
                                      if "cp:8" in c["didicm_samplers"]["test"]],
@@ -344,7 +345,9 @@ def _peers_table(groups: dict, peers: dict) -> str:
                          **{m: statistics.fmean(s[m] for s in scores) for m in METRICS},
                          "test images": int(statistics.fmean(s.get("count", 0) for s in scores)),
                          "network evals / image": statistics.fmean(s["evaluations_per_image"] for s in scores),
-                         "train s": statistics.fmean(seconds)})
+                         "images / s": statistics.fmean(s["images_per_second"] for s in scores),
+                         "train s": statistics.fmean(seconds),
+                         "eval s": statistics.fmean(s["seconds"] for s in scores)})
     return markdown_table(rows, title="generative peers beside DiDiCM and the twin (test split)")
 
 

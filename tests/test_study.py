@@ -85,7 +85,8 @@ def test_report_shows_the_fixed_sampler_the_generative_peers_and_the_findings(tm
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(spec))
     assert main(["study", str(config), "--no-progress"]) == 0
-    scores = {"top1": 90.0, "nll": 0.3, "ece": 0.05, "brier": 0.15, "evaluations_per_image": 40.0, "count": 50}
+    scores = {"top1": 90.0, "nll": 0.3, "ece": 0.05, "brier": 0.15, "evaluations_per_image": 40.0, "count": 50,
+              "images_per_second": 10.0, "seconds": 5.0}
     peers = {"res8_ratio1/seed0": {"resolution": 8, "data_ratio": 1.0, "seed": 0, "train_seconds": 12.0,
                                    "dc:4": scores, "probe": dict(scores, top1=70.0, evaluations_per_image=1.0)}}
     (tmp_path / "results" / "peers.json").write_text(json.dumps(peers))
