@@ -10,7 +10,6 @@ skipped). Prints a table of top-1/NLL/ECE per variant with the best sampler and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from didicm.config import apply_overrides, config_from_dict  # noqa: E402
 from didicm.data import create_dataset  # noqa: E402
 from didicm.evaluation import evaluate, parse_sampler  # noqa: E402
 from didicm.loader import eval_batches  # noqa: E402
-from didicm.report import format_table, markdown_table, write_json  # noqa: E402
+from didicm.report import format_table, load_results, markdown_table, write_json  # noqa: E402
 from didicm.study import load_study  # noqa: E402
 from didicm.training import train  # noqa: E402
 
@@ -101,11 +100,7 @@ def main() -> int:
     resolution = int(args.cell.split("_")[0][3:])
     ratio = float(args.cell.split("_")[1][5:])
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    for part in args.merge or []:
-        results.update(json.loads(Path(part).read_text()))
-    if args.merge:
-        write_json(out, results)
+    results = load_results(out, args.merge or [])
     for name in [] if args.merge else args.variants:
         arm, overrides = VARIANTS[name]
         for seed in args.seeds:

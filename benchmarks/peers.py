@@ -13,7 +13,6 @@ report beside DiDiCM and the twin.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from didicm.config import apply_overrides, config_from_dict  # noqa: E402
 from didicm.data import create_dataset  # noqa: E402
 from didicm.evaluation import evaluate, parse_sampler  # noqa: E402
 from didicm.loader import eval_batches  # noqa: E402
-from didicm.report import format_table, write_json  # noqa: E402
+from didicm.report import format_table, load_results, write_json  # noqa: E402
 from didicm.study import _cell_config, _commit, load_study  # noqa: E402
 from didicm.training import calibrate_error_scale, train  # noqa: E402
 
@@ -111,11 +110,7 @@ def main() -> int:
 
     spec = load_study(args.study)
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    for part in args.merge or []:
-        results.update(json.loads(Path(part).read_text()))
-    if args.merge:
-        write_json(out, results)
+    results = load_results(out, args.merge or [])
     for cell in [] if args.merge else args.cells:
         for seed in args.seeds:
             key = f"{cell}/seed{seed}"

@@ -76,6 +76,18 @@ def _plain_key(key) -> str:
     return plain if isinstance(plain, str) else json.dumps(plain)
 
 
+def load_results(path: str | os.PathLike, merge: list | tuple = ()) -> dict:
+    """A resumable results file ({key: record}, {} if absent) plus the records of the ``merge`` files (e.g. the
+    parts that parallel workers wrote); when there are any, the merged dict is written back to ``path``."""
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    for part in merge:
+        results.update(json.loads(Path(part).read_text()))
+    if merge:
+        write_json(path, results)
+    return results
+
+
 def write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:
     """Writes ``obj`` as JSON atomically: a reader sees the old file or the new one, never half of one.
 

@@ -100,3 +100,15 @@ def test_report_shows_the_fixed_sampler_the_generative_peers_and_the_findings(tm
         "diffusion features + linear probe"]
     assert "| 70.00 |" in peer_rows[-1] and "| 90.00 |" in peer_rows[-2]
     assert report.rstrip().endswith("DiDiCM and the twin tie here.")
+
+
+def test_load_results_merges_parts_and_writes_them_back(tmp_path):
+    from didicm.report import load_results
+
+    out = tmp_path / "all.json"
+    assert load_results(out) == {} and not out.exists()
+    out.write_text(json.dumps({"a": 1}))
+    (tmp_path / "p1.json").write_text(json.dumps({"b": 2}))
+    (tmp_path / "p2.json").write_text(json.dumps({"a": 3, "c": 4}))
+    merged = load_results(out, [tmp_path / "p1.json", tmp_path / "p2.json"])
+    assert merged == {"a": 3, "b": 2, "c": 4} == json.loads(out.read_text())
