@@ -348,7 +348,16 @@ def _peers_table(groups: dict, peers: dict) -> str:
                          "images / s": statistics.fmean(s["images_per_second"] for s in scores),
                          "train s": statistics.fmean(seconds),
                          "eval s": statistics.fmean(s["seconds"] for s in scores)})
-    return markdown_table(rows, title="generative peers beside DiDiCM and the twin (test split)")
+    table = markdown_table(rows, title="generative peers beside DiDiCM and the twin (test split)")
+    commands = sorted({p["command"] for p in peers.values() if "command" in p})
+    if not commands:
+        return table
+    first = {c: next(p for p in peers.values() if p.get("command") == c) for c in commands}
+    return "\n".join([table, "", "Produced by:", ""] + [f"- `{c}` (commit {_short(first[c])})" for c in commands])
+
+
+def _short(record: dict) -> str:
+    return f"`{record.get('commit', 'unknown')[:12]}`, {record.get('device', 'unknown device')}"
 
 
 def _report(spec: dict, cells: list[dict], command: str, figures: list[str]) -> str:
