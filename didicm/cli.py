@@ -160,6 +160,8 @@ def _dataset_of(meta: dict, split: str, args=None):
                           image_size=meta.get("image_size") or data_cfg["image_size"],
                           degradation=pick("degradation", data_cfg["degradation"]),
                           val_size=data_cfg["val_size"], seed=data_cfg["split_seed"],
+                          # the training split is the subset the model was trained on (its data ratio)
+                          data_ratio=data_cfg.get("data_ratio", 1.0) if split == "train" else 1.0,
                           on_bad_image=pick("on_bad_image", None) or data_cfg["on_bad_image"])
 
 
@@ -188,8 +190,9 @@ def _cmd_probe(args) -> int:
     _print_results(results, f"test, linear probe on block {probe.block} at t={probe.t}")
     out = Path(args.json) if args.json else Path(args.checkpoint if Path(args.checkpoint).is_dir()
                                                  else Path(args.checkpoint).parent) / "probe.json"
+    train_images = len(train_set) if args.train_limit is None else min(args.train_limit, len(train_set))
     write_json(out, {"checkpoint": str(args.checkpoint), "block": probe.block, "t": probe.t, "candidates": rows,
-                     "test": results["classifier"]})
+                     "train_images": train_images, "test": results["classifier"]})
     print(f"results written to {out}")
     return 0
 

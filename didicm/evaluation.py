@@ -4,13 +4,14 @@ A *sampler spec* names how probabilities are made: ``cp:8`` (CP, 8 steps), ``cp:
 ``cp:8:min:official`` (the official time grid), ``cl:8x10`` (CL, 8 steps, 10 chains), ``mean`` (one pass of a
 'mean'-parametrized model), ``classifier`` (softmax of a plain classifier's logits), ``tta:8`` (a classifier's
 softmax averaged over the image and 7 augmented views: the compute-matched control for ``cp:8``), ``dc:20``
-(the Diffusion Classifier of a generative 'unet' model: 20 shared draws per class; ``dc:20:adaptive`` spends
-the last three quarters of the draws on the likeliest classes only).
+(the Diffusion Classifier of a generative 'unet' model: 20 shared draws per class; ``dc:20:adaptive`` screens
+every class on every fourth draw and gives the other draws to the likeliest classes only).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,10 @@ def predict(model, images: torch.Tensor, spec: SamplerSpec, diffusion: UniformDi
                           "no other sampler" if spec.kind == "dc" else
                           f"this is a generative 'unet' model: use --sampler dc:N (e.g. dc:20), not {spec.name!r}")
     if spec.kind == "dc":
+        if not bool(model.error_scale_fitted):
+            warnings.warn("this generative model's error scale was never fit (a mid-training checkpoint?): dc "
+                          "probabilities are near-uniform, so NLL/ECE/Brier mean little; top-1 is unaffected. Use the "
+                          "final model.safetensors or didicm.training.calibrate_error_scale", stacklevel=2)
         errors, _ = peers.classify(model, images, spec.steps, generator, adaptive=spec.mode == "adaptive")
         probs = peers.probabilities(errors, model.error_scale)
         return (probs, probs[:, None]) if return_trajectory else probs

@@ -22,7 +22,7 @@ import yaml
 
 from .config import config_from_dict, merge_dicts
 from .data import create_dataset
-from .errors import ConfigError
+from .errors import ConfigError, DidicmError
 from .evaluation import evaluate, parse_sampler, predict
 from .loader import eval_batches
 from .metrics import reliability_bins
@@ -222,7 +222,7 @@ def _run_workers(path: str | Path, names: list[str], jobs: int, log) -> None:
         workers.append(subprocess.Popen(command, env=env))
     failed = [i for i, w in enumerate(workers) if w.wait() != 0]
     if failed:
-        raise ConfigError(f"study workers {failed} failed (their finished cells are kept; re-run to continue)")
+        raise DidicmError(f"study workers {failed} failed (their finished cells are kept; re-run to continue)")
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

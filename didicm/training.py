@@ -199,11 +199,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if mix and (cfg.optim.batch_size // world) % 2:
         raise ConfigError("mixup/cutmix need an even per-process batch size")
 
-    start_step, bad_total = 0, 0
+    start_step, bad_total, earlier_seconds = 0, 0, 0.0  # earlier_seconds: training time before a resume
     if resume:
         found = latest_checkpoint(run_dir)
         if found is not None:
-            start_step, bad_total = _restore(found, model, optimizer, ema, cfg)
+            start_step, bad_total, earlier_seconds = _restore(found, model, optimizer, ema, cfg)
             if main:
                 log(f"resuming from {found} at step {start_step}")
 
@@ -284,26 +284,26 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                     writer.add_scalar("train/loss", running or float("nan"), step)
             if step % cfg.checkpoint_every == 0 and step < cfg.optim.steps:
                 _save_state(ckpt_dir, step, model, optimizer, ema, meta_base, bad_total, cfg.keep_checkpoints,
-                            stream.epoch_of(step))
+                            earlier_seconds + time.perf_counter() - started, stream.epoch_of(step))
         if fault_after_steps is not None and step - start_step >= fault_after_steps:
             raise KeyboardInterrupt(f"fault injected after step {step}")
     if bar is not None:
         bar.close()
 
-    train_seconds = time.perf_counter() - started
+    train_seconds = earlier_seconds + time.perf_counter() - started  # all sessions of a resumed run
     final = ema.module if ema is not None else model
     metrics = {}
     if main:
         _save_state(ckpt_dir, step, model, optimizer, ema, meta_base, bad_total, cfg.keep_checkpoints,
-                    stream.epoch_of(step))
+                    earlier_seconds + time.perf_counter() - started, stream.epoch_of(step))
         specs = default_eval_specs(final, cfg.to_dict()["eval"])
-        limit = None
-        if is_generative:
-            limit = GENERATIVE_EVAL_IMAGES
-            calibrate_error_scale(final, eval_batches(val_set, cfg.eval.batch_size, device, limit=limit),
-                                  GENERATIVE_EVAL_DRAWS, seed=cfg.seed)
-        results = evaluate(final, eval_batches(val_set, cfg.eval.batch_size, device, limit=limit), specs, diffusion,
-                           seed=cfg.seed, num_classes=num_classes)
+        batches = eval_batches(val_set, cfg.eval.batch_size, device)
+        if is_generative:  # fit the probability scale on some validation images, report on others
+            images, labels = next(iter(eval_batches(val_set, 2 * GENERATIVE_EVAL_IMAGES, device)))
+            fit = min(GENERATIVE_EVAL_IMAGES, len(labels) // 2)
+            calibrate_error_scale(final, [(images[:fit], labels[:fit])], GENERATIVE_EVAL_DRAWS, seed=cfg.seed)
+            batches = [(images[fit:], labels[fit:])]
+        results = evaluate(final, batches, specs, diffusion, seed=cfg.seed, num_classes=num_classes)
         metrics = {"val": results, "train_seconds": round(train_seconds, 2), "bad_steps": bad_total}
         save_checkpoint(run_dir / "model.safetensors", {f"model/{k}": v for k, v in final.state_dict().items()},
                         dict(meta_base, kind="model", step=step, metrics=metrics))
@@ -329,11 +329,12 @@ def calibrate_error_scale(model, batches, draws: int, seed: int = 0, adaptive: b
         labels.append(targets.cpu())
     scale = peers.fit_error_scale(torch.cat(errors), torch.cat(labels))
     model.error_scale.fill_(scale)
+    model.error_scale_fitted.fill_(True)
     return scale
 
 
 def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict, bad_total: int, keep: int,
-                epoch: float) -> None:
+                seconds: float, epoch: float) -> None:
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     optim_tensors, optim_rest = flatten_optimizer_state(optimizer.state_dict())
     tensors.update({f"optim/{k}": v for k, v in optim_tensors.items()})
@@ -341,14 +342,14 @@ def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dic
         tensors.update({f"ema/{k}": v for k, v in ema.module.state_dict().items()})
     save_checkpoint(ckpt_dir / f"step_{step:08d}.safetensors", tensors,
                     dict(meta_base, kind="train_state", step=step, epoch=epoch, bad_steps=bad_total,
-                         optimizer=optim_rest))
+                         train_seconds=round(seconds, 3), optimizer=optim_rest))
     steps = sorted(p for p in ckpt_dir.glob("step_*.json"))
     for old in steps[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
-def _restore(path: Path, model, optimizer, ema, cfg: TrainConfig) -> tuple[int, int]:
+def _restore(path: Path, model, optimizer, ema, cfg: TrainConfig) -> tuple[int, int, float]:
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     if meta.get("model_name") != cfg.model.name:
@@ -361,7 +362,7 @@ def _restore(path: Path, model, optimizer, ema, cfg: TrainConfig) -> tuple[int, 
         if not section:
             raise CheckpointError(f"cannot resume with EMA from {path}: it was saved without EMA")
         _load_state(ema.module, section, path)
-    return int(meta["step"]), int(meta.get("bad_steps", 0))
+    return int(meta["step"]), int(meta.get("bad_steps", 0)), float(meta.get("train_seconds", 0.0))
 
 
 def _load_state(model: torch.nn.Module, state: dict, path) -> None:

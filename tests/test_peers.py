@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import didicm.training as training
-from didicm import peers
+from didicm import create_dataset, peers
 from didicm.cli import main
 from didicm.config import config_from_dict
 from didicm.errors import ConfigError, InputError
@@ -208,7 +208,10 @@ def test_unet_training_resumes_bit_for_bit_and_refuses_mixup(tmp_path):
     b = training.load_trained_model(tmp_path / "b")[0].state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert a["error_scale"].item() != 1.0  # fit on validation at the end of training and saved
+    assert a["error_scale"].item() != 1.0 and a["error_scale_fitted"]  # fit on validation, saved
+    mid_run = training.load_trained_model(tmp_path / "a" / "checkpoints" / "step_00000008.safetensors")[0]
+    with pytest.warns(UserWarning, match="error scale was never fit"):
+        evaluate(mid_run, [(torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))], [parse_sampler("dc:2")])
     mixed = config_from_dict({**TRAIN_UNET, "optim": {**TRAIN_UNET["optim"], "mixup": 0.2},
                               "output": str(tmp_path / "c")})
     with pytest.raises(ConfigError, match="hard labels"):
@@ -218,7 +221,8 @@ def test_unet_training_resumes_bit_for_bit_and_refuses_mixup(tmp_path):
 def test_cli_trains_evaluates_and_probes_the_generative_peer(tmp_path, capsys):
     run = tmp_path / "unet"
     args = ["train", "--model", "unet", "--dataset", "digits", "--output", str(run), "--no-progress",
-            "--set", "optim.steps=40", "--set", "optim.batch_size=32", "--set", "optim.opt=adamw",
+            "--set", "optim.steps=40", "--set", "data.data_ratio=0.5", "--set", "optim.batch_size=32",
+            "--set", "optim.opt=adamw",
             "--set", "model.kwargs={channels: [16, 32], timesteps: 200}"]
     assert main(args) == 0
     assert main(["eval", str(run), "--sampler", "dc:4", "--sampler", "dc:4:adaptive", "--limit", "24"]) == 0
@@ -226,9 +230,14 @@ def test_cli_trains_evaluates_and_probes_the_generative_peer(tmp_path, capsys):
     assert results["dc:4"]["count"] == 24 and results["dc:4"]["evaluations_per_image"] == 40
     assert results["dc:4:adaptive"]["evaluations_per_image"] == 10 * 1 + 2 * 3
     capsys.readouterr()
-    assert main(["probe", str(run), "--times", "20", "--blocks", "mid", "up1", "--train-limit", "300"]) == 0
+    assert main(["probe", str(run), "--times", "20", "--blocks", "mid", "up1"]) == 0
     probe = json.loads((run / "probe.json").read_text())
     assert probe["block"] in ("mid", "up1") and probe["t"] == 20 and len(probe["candidates"]) == 2
+    # the probe learns from the labels the UNet was trained with: its data ratio's subset, not the whole split
+    data = training.load_trained_model(run)[2]["config"]["data"]
+    whole = create_dataset("digits", "train", val_size=data["val_size"], seed=data["split_seed"])
+    subset = create_dataset("digits", "train", val_size=data["val_size"], seed=data["split_seed"], data_ratio=0.5)
+    assert probe["train_images"] == len(subset) < 0.6 * len(whole)
     assert probe["test"]["top1"] > 30.0  # 40 steps on digits; chance is 10%
 
     twin = tmp_path / "twin"

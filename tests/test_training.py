@@ -53,8 +53,11 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         training.train(interrupted, progress=False, log=lambda *_: None, fault_after_steps=6)
     assert latest_checkpoint(tmp_path / "interrupted").name == "step_00000004.safetensors"
+    before = load_checkpoint(tmp_path / "interrupted" / "checkpoints" / "step_00000004.safetensors").meta
     resumed = training.train(interrupted, resume=True, progress=False, log=lambda *_: None)
     assert resumed.steps_done == 12
+    # the training time counts the interrupted session too
+    assert resumed.metrics["train_seconds"] > before["train_seconds"] > 0
     a = _weights(tmp_path / "straight" / "model.safetensors")
     b = _weights(tmp_path / "interrupted" / "model.safetensors")
     assert a.keys() == b.keys()

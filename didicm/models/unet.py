@@ -56,8 +56,10 @@ class ConditionalUNet(nn.Module):
             add_attention=False)
         scheduler = diffusers.DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=beta_schedule)
         self.register_buffer("alphas_cumprod", scheduler.alphas_cumprod.clone().float(), persistent=False)
-        # softmax(-scale * error) turns Diffusion-Classifier errors into probabilities; fit on validation
+        # softmax(-scale * error) turns Diffusion-Classifier errors into probabilities; fit on validation at the
+        # end of training (for the draws of that check: other draw counts would be fit best by another scale)
         self.register_buffer("error_scale", torch.tensor(1.0))
+        self.register_buffer("error_scale_fitted", torch.tensor(False))
 
     @property
     def null_class(self) -> int:
