@@ -295,7 +295,7 @@ def _devices(cells: list[dict]) -> str:
 
 def _wall(cells: list[dict]) -> str:
     walls = [c["wall_seconds"] for c in cells]
-    return f"{min(walls):.0f}-{max(walls):.0f} s, {sum(walls) / 60:.1f} min in all"
+    return f"{min(walls):.0f}-{max(walls):.0f} s, {sum(walls) / 60:.1f} min summed over cells, which may overlap"
 
 
 def _fixed_sampler_table(groups: dict, sampler: str) -> str:
