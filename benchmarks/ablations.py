@@ -14,8 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from didicm.config import apply_overrides, config_from_dict  # noqa: E402
@@ -24,7 +22,7 @@ from didicm.evaluation import evaluate, parse_sampler  # noqa: E402
 from didicm.loader import eval_batches  # noqa: E402
 from didicm.report import format_table, load_results, markdown_table, write_json  # noqa: E402
 from didicm.study import load_study  # noqa: E402
-from didicm.training import train  # noqa: E402
+from didicm.training import device_name, train  # noqa: E402
 
 NARROW_TIMM = "{channels: [16, 32, 64, 128], stem_width: 16}"
 # DiDiCM's CP label mode and time grid, judged on the same trained network (no extra training)
@@ -131,7 +129,7 @@ def main() -> int:
                             "val": {s: {k: m[k] for k in ("top1", "nll", "ece", "brier")} for s, m in scores.items()},
                             "train_seconds": result.metrics["train_seconds"],
                             "seconds": round(time.perf_counter() - started, 1), "steps": config.optim.steps,
-                            "device": _device_name(result.model)}
+                            "device": device_name(result.model)}
             write_json(out, results)
             m = scores[best]
             print(f"{key}: {best} top1 {m['top1']:.2f} nll {m['nll']:.3f} ece {m['ece']:.3f} "
@@ -148,11 +146,6 @@ def main() -> int:
         text += [markdown_table(_rows(results, cell), title=f"cell {cell}"), ""]
     out.with_suffix(".md").write_text("\n".join(text))
     return 0
-
-
-def _device_name(model) -> str:
-    parameter = next(model.parameters())
-    return torch.cuda.get_device_name(parameter.device) if parameter.is_cuda else "cpu"
 
 
 def _rows(results: dict, cell: str) -> list[dict]:

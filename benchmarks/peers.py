@@ -28,7 +28,7 @@ from didicm.evaluation import evaluate, parse_sampler  # noqa: E402
 from didicm.loader import eval_batches  # noqa: E402
 from didicm.report import format_table, load_results, write_json  # noqa: E402
 from didicm.study import _cell_config, _commit, load_study  # noqa: E402
-from didicm.training import calibrate_error_scale, train  # noqa: E402
+from didicm.training import device_name, train  # noqa: E402
 
 UNET = ["model.name=unet", "model.kwargs={channels: [32, 64, 64], layers_per_block: 1, label_dropout: 0.1}",
         "optim.lr=1e-3", "optim.weight_decay=0.0", "optim.mixup=0", "optim.cutmix=0", "optim.ema_decay=0.999"]
@@ -63,7 +63,7 @@ def run(spec: dict, cell: str, seed: int, args) -> dict:
     train_set, val_set, test_set = (create_dataset(config.data.dataset, split, **common, **extra) for split, extra in
                                     (("train", {"data_ratio": ratio}), ("val", {}), ("test", {})))
     record = {"cell": cell, "resolution": resolution, "data_ratio": ratio, "seed": seed, "commit": _commit(),
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "device": device_name(model),
               "train_seconds": result.metrics["train_seconds"], "steps": config.optim.steps,
               "parameters": sum(p.numel() for p in model.parameters()), "dc_test_images": args.dc_limit}
     val_images, val_labels = _subset(val_set, args.val_limit, seed=0)
@@ -71,8 +71,8 @@ def run(spec: dict, cell: str, seed: int, args) -> dict:
     for adaptive in (False, True):
         name = f"dc:{args.draws}" + (":adaptive" if adaptive else "")
         started = time.perf_counter()
-        scale = calibrate_error_scale(model, _batches(val_images, val_labels, args.batch_size, device), args.draws,
-                                      seed=seed, adaptive=adaptive)
+        scale = peers.calibrate_error_scale(model, _batches(val_images, val_labels, args.batch_size, device),
+                                            args.draws, seed=seed, adaptive=adaptive)
         scores = evaluate(model, _batches(test_images, test_labels, args.batch_size, device),
                           [parse_sampler(name)], seed=seed, num_classes=test_set.num_classes)[name]
         record[name] = {**{k: scores[k] for k in METRICS}, "error_scale": scale,

@@ -119,7 +119,7 @@ def predict(model, images: torch.Tensor, spec: SamplerSpec, diffusion: UniformDi
         if not bool(model.error_scale_fitted):
             warnings.warn("this generative model's error scale was never fit (a mid-training checkpoint?): dc "
                           "probabilities are near-uniform, so NLL/ECE/Brier mean little; top-1 is unaffected. Use the "
-                          "final model.safetensors or didicm.training.calibrate_error_scale", stacklevel=2)
+                          "final model.safetensors or didicm.peers.calibrate_error_scale", stacklevel=2)
         errors, _ = peers.classify(model, images, spec.steps, generator, adaptive=spec.mode == "adaptive")
         probs = peers.probabilities(errors, model.error_scale)
         return (probs, probs[:, None]) if return_trajectory else probs

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .diffusion import UniformDiffusion, score_entropy
 from .errors import ConfigError
+from .models.layers import unwrap_model
 
 __all__ = ["draw_times", "draw_noise", "diffusion_loss", "cross_entropy_loss", "noisy_label_cross_entropy",
            "epsilon_loss"]
@@ -112,7 +113,7 @@ def epsilon_loss(model, images: torch.Tensor, targets: torch.Tensor) -> torch.Te
     """DDPM's simple loss for the class-conditional image diffusion model (the generative peer), per image [B]:
     ||eps - eps_theta(x_t, t, c)||^2 averaged over pixels, t ~ U{0..T-1}, and the label replaced by the null
     class with probability ``label_dropout`` (so the same network also predicts unconditionally)."""
-    inner = getattr(model, "module", model)  # DDP keeps the model's attributes on .module
+    inner = unwrap_model(model)  # the UNet's attributes, also under DDP
     if targets.ndim != 1:
         raise ConfigError("the generative model trains on hard labels; turn off mixup/cutmix (optim.mixup=0, "
                           "optim.cutmix=0)")

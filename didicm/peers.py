@@ -22,8 +22,8 @@ from .errors import ConfigError, InputError
 from .models.unet import ConditionalUNet, is_generative_model
 
 __all__ = ["draw_shared", "denoising_errors", "classify", "evaluations_per_image", "probabilities",
-           "fit_error_scale", "extract_features", "LinearProbe", "fit_linear_probe", "FeatureProbe",
-           "fit_feature_probe"]
+           "fit_error_scale", "calibrate_error_scale", "extract_features", "LinearProbe", "fit_linear_probe",
+           "FeatureProbe", "fit_feature_probe"]
 
 
 def _check(model) -> ConditionalUNet:
@@ -131,6 +131,23 @@ def fit_error_scale(errors: torch.Tensor, labels: torch.Tensor) -> float:
     best = min(grid, key=nll)
     fine = torch.logspace(math.log10(best) - 0.1, math.log10(best) + 0.1, 21).tolist()
     return float(min(fine, key=nll))
+
+
+@torch.no_grad()
+def calibrate_error_scale(model, batches, draws: int, seed: int = 0, adaptive: bool = False) -> float:
+    """Fit the generative model's ``error_scale`` (softmax(-scale * error) probabilities) to minimise the
+    Diffusion Classifier's NLL on ``batches`` (validation images); stores it in the model and returns it."""
+    model.eval()
+    errors, labels, generator = [], [], None
+    for images, targets in batches:
+        if generator is None:
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+        errors.append(classify(model, images, draws, generator, adaptive=adaptive)[0].cpu())
+        labels.append(targets.cpu())
+    scale = fit_error_scale(torch.cat(errors), torch.cat(labels))
+    model.error_scale.fill_(scale)
+    model.error_scale_fitted.fill_(True)
+    return scale
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ from .report import (
     plot_trajectories_grid,
     write_json,
 )
-from .training import train
+from .training import device_name, train
 
 __all__ = ["load_study", "run_study", "aggregate"]
 
@@ -160,8 +160,7 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                                     torch.Generator().manual_seed(seed), return_trajectory=True)
             record["trajectories"] = {"images": images.cpu(), "labels": targets.cpu(),
                                       "trajectory": trajectory.cpu(), "classes": list(test_set.classes)}
-        record["device"] = torch.cuda.get_device_name(next(model.parameters()).device) \
-            if next(model.parameters()).is_cuda else "cpu"
+        record["device"] = device_name(model)
     record["wall_seconds"] = round(time.perf_counter() - started, 2)
     return record
 

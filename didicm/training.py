@@ -40,8 +40,8 @@ from .evaluation import SamplerSpec, evaluate
 from .loader import TrainStream, eval_batches, mix_seed
 from .objectives import cross_entropy_loss, diffusion_loss, epsilon_loss, noisy_label_cross_entropy
 
-__all__ = ["TrainingError", "TrainResult", "train", "build_model", "diffusion_from_config", "resolve_device",
-           "load_trained_model", "default_eval_specs"]
+__all__ = ["TrainingError", "TrainResult", "train", "build_model", "device_name", "diffusion_from_config",
+           "resolve_device", "load_trained_model", "default_eval_specs"]
 
 
 class TrainingError(DidicmError, RuntimeError):
@@ -84,6 +84,12 @@ def diffusion_from_config(diffusion_cfg: dict, num_classes: int) -> UniformDiffu
 # also fits the scale that turns its errors into probabilities (K x draws network calls per image)
 GENERATIVE_EVAL_DRAWS = 10
 GENERATIVE_EVAL_IMAGES = 200
+
+
+def device_name(model: torch.nn.Module) -> str:
+    """Where the model's weights live, for results: the GPU's name, or 'cpu'."""
+    parameter = next(model.parameters())
+    return torch.cuda.get_device_name(parameter.device) if parameter.is_cuda else "cpu"
 
 
 def build_model(name: str, num_classes: int, in_chans: int, kwargs: dict | None = None) -> torch.nn.Module:
@@ -301,7 +307,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         if is_generative:  # fit the probability scale on some validation images, report on others
             images, labels = next(iter(eval_batches(val_set, 2 * GENERATIVE_EVAL_IMAGES, device)))
             fit = min(GENERATIVE_EVAL_IMAGES, len(labels) // 2)
-            calibrate_error_scale(final, [(images[:fit], labels[:fit])], GENERATIVE_EVAL_DRAWS, seed=cfg.seed)
+            peers.calibrate_error_scale(final, [(images[:fit], labels[:fit])], GENERATIVE_EVAL_DRAWS, seed=cfg.seed)
             batches = [(images[fit:], labels[fit:])]
         results = evaluate(final, batches, specs, diffusion, seed=cfg.seed, num_classes=num_classes)
         metrics = {"val": results, "train_seconds": round(train_seconds, 2), "bad_steps": bad_total}
@@ -314,23 +320,6 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         dist.barrier()
     return TrainResult(run_dir, final, diffusion if is_diffusion else None, metrics, step, bad_total,
                        time.perf_counter() - started)
-
-
-@torch.no_grad()
-def calibrate_error_scale(model, batches, draws: int, seed: int = 0, adaptive: bool = False) -> float:
-    """Fit the generative model's ``error_scale`` (softmax(-scale * error) probabilities) to minimise the
-    Diffusion Classifier's NLL on ``batches`` (validation images); stores it in the model and returns it."""
-    model.eval()
-    errors, labels, generator = [], [], None
-    for images, targets in batches:
-        if generator is None:
-            generator = torch.Generator(device=images.device).manual_seed(seed)
-        errors.append(peers.classify(model, images, draws, generator, adaptive=adaptive)[0].cpu())
-        labels.append(targets.cpu())
-    scale = peers.fit_error_scale(torch.cat(errors), torch.cat(labels))
-    model.error_scale.fill_(scale)
-    model.error_scale_fitted.fill_(True)
-    return scale
 
 
 def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict, bad_total: int, keep: int,

@@ -19,6 +19,7 @@ from ..errors import ConfigError, InputError
 __all__ = [
     "CONDITIONINGS", "PARAMETRIZATIONS", "ChannelConditioning", "ConditionedMLPHead", "DiffusionClassifier",
     "SigmaLabelEmbedding", "is_diffusion_model", "mask_reference", "mean_log_score", "sinusoidal_embedding",
+    "unwrap_model",
 ]
 
 PARAMETRIZATIONS = ("score", "mean")
@@ -187,16 +188,23 @@ class DiffusionClassifier:
         return self.score(self.encode(x), c, sigma)
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and (Distributed)DataParallel wrappers (the model itself if bare)."""
+    while True:
+        # torch.compile keeps the model in _orig_mod, DDP in module
+        inner = next((getattr(model, a) for a in ("_orig_mod", "module")
+                      if isinstance(getattr(model, a, None), nn.Module)), None)
+        if inner is None:
+            return model
+        model = inner
+
+
 def is_diffusion_model(model: nn.Module) -> bool:
     """True for DiDiCM models (forward(x, c, sigma) -> log-ratios), False for plain classifiers (forward(x)).
 
     Looks through ``torch.compile`` and (Distributed)DataParallel wrappers.
     """
-    for attribute in ("_orig_mod", "module"):  # torch.compile keeps the model in _orig_mod, DDP in module
-        inner = getattr(model, attribute, None)
-        if isinstance(inner, nn.Module):
-            return is_diffusion_model(inner)
-    return isinstance(model, DiffusionClassifier)
+    return isinstance(unwrap_model(model), DiffusionClassifier)
 
 
 class ConditionedMLPHead(nn.Module):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, InputError
+from .layers import unwrap_model
 
 __all__ = ["ConditionalUNet", "is_generative_model"]
 
@@ -95,8 +96,4 @@ class ConditionalUNet(nn.Module):
 
 def is_generative_model(model: nn.Module) -> bool:
     """True for the class-conditional image diffusion model (looks through DDP / torch.compile wrappers)."""
-    for attribute in ("_orig_mod", "module"):
-        inner = getattr(model, attribute, None)
-        if isinstance(inner, nn.Module):
-            return is_generative_model(inner)
-    return isinstance(model, ConditionalUNet)
+    return isinstance(unwrap_model(model), ConditionalUNet)
