@@ -97,6 +97,8 @@ def load_image(path: Path, in_chans: int = 3) -> Image.Image:
     Raises:
         DataError: the file is missing, not an image, truncated or otherwise undecodable.
     """
+    if not Path(path).is_file():
+        raise DataError(f"image file {path} does not exist")
     try:
         with Image.open(path) as image:
             image.load()
@@ -106,8 +108,9 @@ def load_image(path: Path, in_chans: int = 3) -> Image.Image:
                 image = image.convert("RGBA")  # Pillow warns when a transparent palette goes straight to RGB
             return image.convert("RGB" if in_chans == 3 else "L")
     except _DECODE_ERRORS as err:
-        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}. Remove or replace the file, or "
-                        "pass on_bad_image='skip'.") from err
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}. Remove or replace the file "
+                        "(folder data sets skip such files with --on-bad-image skip, or data.on_bad_image: skip)") \
+            from err
 
 
 def _header_ok(path: Path) -> str | None:
