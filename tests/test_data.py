@@ -398,7 +398,7 @@ def test_folder_modes_are_converted_and_values_kept(tmp_path):
     test = create_dataset(str(tmp_path), "test", image_size=8)
     assert len(test) == 4 and test.targets.tolist() == [0, 0, 1, 1]
     info = dataset_info(f"folder:{tmp_path}")
-    assert info == dict(num_classes=2, in_chans=3, image_size=224, classes=["cat", "dog"])
+    assert info == dict(num_classes=2, in_chans=3, image_size=10, classes=["cat", "dog"])  # the files' native size
     assert not hasattr(test, "tensors")  # file-backed: loaders must stream it, never stack it whole
     augmented = create_dataset(str(tmp_path), "train", image_size=8, augment=True, val_size=0)
     assert augmented[0][0].shape == (3, 8, 8)

@@ -34,7 +34,14 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from ..errors import ConfigError, DataError
 from .base import VAL_SPLIT_SEED, ClassificationDataset, class_balanced_subset, stratified_split
 from .degradations import parse_degradation
-from .folder import DEFAULT_FOLDER_SIZE, IMAGE_EXTENSIONS, FolderDataset, find_test_dir, folder_classes, list_folder
+from .folder import (
+    IMAGE_EXTENSIONS,
+    FolderDataset,
+    find_test_dir,
+    folder_classes,
+    list_folder,
+    native_folder_size,
+)
 from .memory import InMemoryDataset
 from .readers import (
     RawSplit,
@@ -235,7 +242,8 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
         name: see the module docstring ('digits', 'fashion-mnist', 'idx:<dir>', 'cifar10:<dir>', ...).
         split: 'train', 'val' (carved from the training files) or 'test'.
         root: directory of the data, instead of writing it after the colon.
-        image_size: side of the returned square images; None keeps the native size (8, 28, 32; 224 for folders).
+        image_size: side of the returned square images; None keeps the native size (8, 28, 32; for folders
+            the median shorter side of a few files, at most 224: see ``native_folder_size``).
         degradation: spec like 'resolution=7,noise=0.1' (see ``parse_degradation``), applied before
             normalization on every split; its noise is seeded per image by the image's position in its file
             (and ``DEGRADATION_SEED``), never by ``seed``, so it is identical for every method and run.
@@ -260,7 +268,8 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
         val_size = DEFAULT_VAL_SIZE.get(source.kind, DEFAULT_VAL_FRACTION)
     hflip = _HFLIP[source.kind]
     if source.kind == "folder":
-        return _create_folder(source, split, image_size or DEFAULT_FOLDER_SIZE, pipeline, augment, data_ratio,
+        image_size = image_size or native_folder_size(source.root / "train", folder_classes(source.root / "train"))
+        return _create_folder(source, split, image_size, pipeline, augment, data_ratio,
                               val_size, int(seed), on_bad_image)
     raw, classes = _load_raw(source)
     mean, std = _normalization(source, raw["train"])
@@ -320,6 +329,7 @@ def dataset_info(name: str, root: str | None = None) -> dict:
         classes = cifar_class_names(source.root, 10 if source.kind == "cifar10" else 100)
         in_chans, size = 3, 32
     else:
-        classes, in_chans, size = folder_classes(source.root / "train"), 3, DEFAULT_FOLDER_SIZE
+        classes, in_chans = folder_classes(source.root / "train"), 3
+        size = native_folder_size(source.root / "train", classes)
     return dict(num_classes=len(classes), in_chans=in_chans, image_size=size, classes=classes)
 

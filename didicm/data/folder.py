@@ -52,7 +52,41 @@ def folder_classes(train_dir: Path) -> list[str]:
     classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{train_dir} has no class sub-directories; expected <root>/train/<class>/<image files>")
+    # an empty folder would silently become a class that is never seen in training
+    empty = [name for name in classes if not _first_images(train_dir / name, 1)]
+    if empty:
+        raise DataError(f"{train_dir}: {len(empty)} of {len(classes)} class folders hold no image files "
+                        f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}); remove them or add images")
     return classes
+
+
+def _first_images(directory: Path, limit: int) -> list[Path]:
+    """Up to ``limit`` image files under ``directory`` (depth first, sorted, hidden entries skipped)."""
+    found: list[Path] = []
+    for entry in sorted(directory.iterdir()):
+        if len(found) >= limit:
+            break
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            found += _first_images(entry, limit - len(found))
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(entry)
+    return found
+
+
+def native_folder_size(train_dir: Path, classes: list[str], per_class: int = 4) -> int:
+    """The input size of a folder data set when none is set: the median shorter side of the first ``per_class``
+    files of up to 64 classes (headers only), at most DEFAULT_FOLDER_SIZE. 28 for 28 px PNGs, 224 for photos."""
+    sides = []
+    for name in classes[::max(1, len(classes) // 64)]:
+        for path in _first_images(train_dir / name, per_class):
+            try:
+                with Image.open(path) as image:
+                    sides.append(min(image.size))
+            except _DECODE_ERRORS:
+                continue  # bad files are skipped or refused when they are read
+    return int(min(np.median(sides), DEFAULT_FOLDER_SIZE)) if sides else DEFAULT_FOLDER_SIZE
 
 
 def find_test_dir(root: Path) -> Path | None:

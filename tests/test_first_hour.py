@@ -1,0 +1,52 @@
+"""The first hour of a new user (issue 16): defaults that fit the data, clear errors, fast help."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from didicm import DataError, create_dataset, dataset_info
+
+
+def _png_folder(root, size=12, classes=("a", "b"), per_class=3, splits=("train", "test")):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in classes:
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_folder_input_size_follows_the_images(tmp_path):
+    root = _png_folder(tmp_path, size=12)
+    assert dataset_info(f"folder:{root}")["image_size"] == 12
+    assert create_dataset(f"folder:{root}", "test")[0][0].shape == (3, 12, 12)
+    assert create_dataset(f"folder:{root}", "test", image_size=16)[0][0].shape == (3, 16, 16)
+
+
+def test_large_folder_images_are_capped_at_224(tmp_path):
+    root = _png_folder(tmp_path, size=300, per_class=1, splits=("train",))
+    assert dataset_info(f"folder:{root}")["image_size"] == 224
+
+
+def test_an_empty_class_folder_is_refused_by_name(tmp_path):
+    root = _png_folder(tmp_path)
+    (root / "train" / "zebra").mkdir()
+    with pytest.raises(DataError, match="zebra"):
+        create_dataset(f"folder:{root}", "train")
+
+
+def test_a_missing_image_file_is_reported_as_missing(tmp_path):
+    from didicm.data import load_image
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_help_answers_without_loading_torch():
+    code = "import sys; from didicm.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
