@@ -21,8 +21,9 @@ _EXPORTS = {
     "InputError": "errors",
     "create_dataset": "data", "dataset_info": "data", "parse_degradation": "data",
     "load_checkpoint": "checkpoint",
+    "load_model": "interop",
 }
-_SUBMODULES = {"checkpoint", "cli", "config", "data", "demo", "diffusion", "errors", "evaluation", "loader",
+_SUBMODULES = {"checkpoint", "cli", "config", "data", "demo", "diffusion", "errors", "evaluation", "interop", "loader",
                "metrics", "models", "objectives", "peers", "report", "study", "training"}
 
 __all__ = sorted(_EXPORTS) + ["models"]

@@ -9,9 +9,12 @@ Nothing here unpickles: safetensors holds raw tensors, and foreign ``.pth`` file
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import pickletools
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +27,15 @@ from .errors import CheckpointError
 from .files import atomic_write_bytes
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "flatten_optimizer_state", "unflatten_optimizer_state", "FORMAT"]
+           "flatten_optimizer_state", "unflatten_optimizer_state", "safe_torch_load", "is_torch_file",
+           "strip_ansi", "FORMAT", "TORCH_SUFFIXES"]
 
 FORMAT = "didicm-checkpoint-v1"
+# torch.save files: state dicts and timm CheckpointSaver files (model_best.pth.tar, checkpoint-9.pth.tar)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pth.tar", ".tar")
+# The only class an official (timm CheckpointSaver) file needs beyond tensors and containers: its `args`.
+SAFE_GLOBALS = (argparse.Namespace,)
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
 _STEP_NAME = re.compile(r"^step_(\d+)\.json$")
 
 
@@ -119,7 +128,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         if found is None:
             raise CheckpointError(f"no complete checkpoint in folder {str(path)!r}")
         path = found
-    if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    if is_torch_file(path):
         return _load_foreign(path)
     if path.suffix == ".json":
         path = path.with_suffix(".safetensors")
@@ -143,17 +152,111 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def _load_foreign(path: Path) -> Checkpoint:
-    """A state dict saved by torch.save elsewhere; weights_only refuses pickled code."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by cause
-        raise CheckpointError(f"refused to load {str(path)!r}: it is not a plain tensor state dict "
-                              f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    """A state dict saved by torch.save elsewhere (or the ``state_dict`` of a timm training checkpoint)."""
+    obj = safe_torch_load(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict of tensors")
     return Checkpoint(tensors={f"model/{k}": v for k, v in obj.items()}, meta={"format": "foreign"}, path=path)
+
+
+def is_torch_file(path: str | Path) -> bool:
+    """True for names torch.save files usually carry (.pth, .pt, .bin, .ckpt, .pth.tar)."""
+    return str(path).lower().endswith(TORCH_SUFFIXES)
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escape sequences (torch puts bold markers into its load errors)."""
+    return _ANSI.sub("", text)
+
+
+def safe_torch_load(path: str | Path):
+    """``torch.load(weights_only=True)`` that allows ``argparse.Namespace`` and nothing else, and never runs code.
+
+    Tensors, numbers, strings and containers load as usual; any other class or function named in the pickle is
+    refused with a CheckpointError that names it, before anything is called (the names are read from the pickle's
+    opcodes, which are never executed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    allowed = {f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS}
+    unsafe = [name for name in _named_globals(path) if name not in allowed]
+    if unsafe:
+        raise CheckpointError(f"refused to load {str(path)!r}: it names {', '.join(sorted(set(unsafe)))}, which a "
+                              "checkpoint does not need (only tensors, plain values and argparse.Namespace are "
+                              "allowed); nothing from the file was run")
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by cause
+        text = strip_ansi(str(error))
+        match = re.search(r"GLOBAL ([\w.]+)", text)
+        cause = f"it names {match.group(1)}, which is not allowed" if match else \
+            f"{type(error).__name__}: {_first_line(text)}"
+        raise CheckpointError(f"refused to load {str(path)!r}: it is not a plain checkpoint of tensors ({cause}); "
+                              "nothing from the file was run") from None
+
+
+def _first_line(text: str) -> str:
+    # torch's messages open with advice about weights_only=False; the cause is the 'error' line, if any
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = next((line for line in lines if "error" in line.lower() or "unsupported" in line.lower()), None)
+    return (cause or (lines[0] if lines else "unreadable"))[:300]
+
+
+def _named_globals(path: Path) -> list[str]:
+    """'module.name' of every global (class or function) the pickle(s) in ``path`` would look up."""
+    if zipfile.is_zipfile(path):
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # a damaged archive: torch.load reports it below
+            return []
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {error}") from None
+    names: list[str] = []
+    offset = 0
+    # the legacy torch.save format is several pickles in a row followed by raw storage bytes
+    while offset < len(data) and data[offset] == 0x80:
+        found, offset = _scan_pickle(data, offset)
+        names.extend(found)
+        if offset is None:
+            break
+    return names
+
+
+def _scan_pickle(data: bytes, offset: int) -> tuple[list[str], int | None]:
+    """Globals named by the pickle starting at ``offset`` and the offset after it (None if it is unreadable).
+
+    Only walks the opcodes (pickletools.genops); STACK_GLOBAL takes its names from the two strings pushed (or
+    fetched from the memo) before it."""
+    import io
+
+    names, recent, memo = [], [], {}
+    stream = io.BytesIO(data)
+    stream.seek(offset)
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            if opcode.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL":
+                names.append(".".join(str(v) for v in recent[-2:]) if len(recent) >= 2 else "<unknown global>")
+            elif opcode.name == "MEMOIZE":
+                memo[len(memo)] = recent[-1] if recent else None
+            elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[arg] = recent[-1] if recent else None
+            elif opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+                recent.append(memo.get(arg))
+            elif isinstance(arg, str):
+                recent.append(arg)
+            if opcode.name == "STOP":
+                return names, stream.tell()
+    except Exception:  # not a pickle after all: torch.load reports it
+        return names, None
+    return names, None
 
 
 def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -17,7 +17,7 @@ import yaml
 from .errors import ConfigError
 
 __all__ = ["DataConfig", "ModelConfig", "DiffusionConfig", "OptimConfig", "EvalConfig", "TrainConfig",
-           "load_config", "apply_overrides", "config_from_dict", "merge_dicts"]
+           "load_config", "load_values", "apply_overrides", "config_from_dict", "merge_dicts"]
 
 
 @dataclass
@@ -200,6 +200,11 @@ def _deep_copy(values: dict) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> TrainConfig:
     """Defaults <- ``base`` <- YAML file at ``path`` <- ``overrides``; validated."""
+    return config_from_dict(load_values(path, overrides, base))
+
+
+def load_values(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> dict:
+    """``base`` <- YAML file at ``path`` <- ``overrides`` as nested dicts: only what was set, not yet validated."""
     values = _deep_copy(base or {})
     if path is not None:
         path = Path(path)
@@ -210,8 +215,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
         values = merge_dicts(values, loaded)
-    values = apply_overrides(values, overrides or [])
-    return config_from_dict(values)
+    return apply_overrides(values, overrides or [])
 
 
 def merge_dicts(base: dict, update: dict) -> dict:

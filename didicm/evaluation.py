@@ -150,8 +150,12 @@ def predict(model, images: torch.Tensor, spec: SamplerSpec, diffusion: UniformDi
 
 @torch.no_grad()
 def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusion | None = None,
-             seed: int = 0, num_classes: int | None = None, augment=None) -> dict[str, dict]:
+             seed: int = 0, num_classes: int | None = None, augment=None,
+             progress: int | bool | None = None) -> dict[str, dict]:
     """Metrics for each sampler on the same images, encoding each batch once.
+
+    ``progress``: show a bar over the images with each sampler's images/s (an int is the number of images
+    expected; True: unknown); None/False: silent.
 
     Returns {spec name: {top1, top5, nll, ece, brier, entropy, aurc, images_per_second,
     evaluations_per_image, seconds, count, [step_top1 for CP: top-1 after each step of the one run]}}.
@@ -162,6 +166,12 @@ def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusi
     step_correct = {spec.name: None for spec in specs}
     count = 0
     generator = None
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None if progress is True else int(progress), unit="img", dynamic_ncols=True, leave=False,
+                   desc="eval " + ", ".join(spec.name for spec in specs))
     for images, labels in batches:
         device = images.device
         if generator is None:
@@ -185,6 +195,11 @@ def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusi
                 previous = step_correct[spec.name]
                 step_correct[spec.name] = correct if previous is None else previous + correct
         count += labels.shape[0]
+        if bar is not None:
+            bar.update(labels.shape[0])
+            bar.set_postfix_str(", ".join(f"{name} {count / max(t, 1e-9):.1f} img/s" for name, t in seconds.items()))
+    if bar is not None:
+        bar.close()
     results = {}
     for spec in specs:
         metrics = accumulators[spec.name].compute()
