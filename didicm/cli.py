@@ -5,21 +5,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
+from .config import merge_dicts
 from .errors import ConfigError, DidicmError
+from .recipes import SMALL_IMAGE_RECIPE
+
+# Heavy modules (torch, timm, matplotlib) are imported inside the commands that use them: `didicm --help`
+# answers in a tenth of a second instead of five.
 
 __all__ = ["main"]
 
-DEMO_CONFIG = {
+# the demo is the small-image recipe that `didicm train` picks for small images, on the embedded digits
+DEMO_CONFIG = merge_dicts({
     "data": {"dataset": "digits", "val_size": 0.1},
-    "model": {"name": "didirn18", "kwargs": {"stem": "small", "width": 16}},
-    "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 64, "steps": 600, "warmup_steps": 30,
-              "clip_grad": None},
-    "diffusion": {"t_sampling": "antithetic"},
+    "model": {"name": "didirn18"},
+    "optim": {"clip_grad": None},
     "eval": {"sampler": "cp", "steps": 8},
     "checkpoint_every": 100,
-}
+}, SMALL_IMAGE_RECIPE)
 
 
 def _add_data_args(parser: argparse.ArgumentParser, with_defaults: bool = False) -> None:
@@ -51,13 +56,33 @@ def _eval_parser(sub) -> None:
     _add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--sampler", action="append", default=[],
-                   help="cp:8, cp:2:max, cp:8:min:official, cl:8x10, mean, classifier, dc:20, dc:20:adaptive "
-                        "(repeatable)")
+                   help="cp:8, cp:2:max, cp:8:min:official, cl:8x10, mean, classifier, tta:8 (a classifier over 8 "
+                        "augmented views), dc:20, dc:20:adaptive (repeatable)")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here (default: RUN/eval_<split>.json)")
+    p.add_argument("--no-progress", action="store_true")
+    _add_official_args(p)
+
+
+def _add_official_args(p: argparse.ArgumentParser) -> None:
+    """Flags for what an official checkpoint (model_best.pth.tar) does not record; official defaults."""
+    p.add_argument("--ema", action="store_true", help="use the EMA weights (an official file's state_dict_ema)")
+    p.add_argument("--mean", type=float, nargs="+", help="input mean per channel, official files only "
+                                                        "(default: the file's args.mean, else ImageNet's)")
+    p.add_argument("--std", type=float, nargs="+", help="input std per channel, official files only "
+                                                       "(default: the file's args.std, else ImageNet's)")
+    p.add_argument("--class-names", help="class names: a text file (one per line) or a comma-separated list "
+                                         "(default: the run's names; 0..K-1 for official files)")
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a didicm model as an official checkpoint (for the official validate.py)")
+    p.add_argument("source", help="run folder or checkpoint (.safetensors)")
+    p.add_argument("output", help="the .pth.tar file to write")
+    p.add_argument("--ema", action="store_true", help="require the EMA weights (a run trained with optim.ema_decay)")
 
 
 def _probe_parser(sub) -> None:
@@ -82,6 +107,7 @@ def _predict_parser(sub) -> None:
     p.add_argument("--plot", help="PNG of the class distribution over the diffusion steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    _add_official_args(p)
 
 
 def _demo_parser(sub) -> None:
@@ -111,11 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _study_parser(sub)
     _probe_parser(sub)
+    _export_parser(sub)
     return parser
 
 
 def _cmd_train(args) -> int:
-    from .config import load_config
+    from .config import DataConfig, config_from_dict, load_values
+    from .data import dataset_info
+    from .recipes import SMALL_IMAGE_SIZE, fit_to_data
     from .training import train
 
     overrides = list(args.overrides)
@@ -126,7 +155,15 @@ def _cmd_train(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
-    config = load_config(args.config, overrides)
+    values = load_values(args.config, overrides)
+    data = values.get("data") or {}
+    size = data.get("image_size") or \
+        dataset_info(data.get("dataset", DataConfig.dataset), data.get("root"))["image_size"]
+    values, filled = fit_to_data(values, size)
+    if filled:
+        print(f"{size} px images (<= {SMALL_IMAGE_SIZE}): the small-image recipe sets "
+              + ", ".join(f"{key}={_lookup(values, key)}" for key in filled) + " (set any of them to override)")
+    config = config_from_dict(values)
     result = train(config, resume=args.resume, progress=not args.no_progress)
     if not result.metrics:  # a non-zero rank of a multi-process run: rank 0 reports
         return 0
@@ -134,6 +171,12 @@ def _cmd_train(args) -> int:
     print(f"model written to {result.run_dir / 'model.safetensors'} "
           f"({result.steps_done} steps, {result.seconds:.1f} s, {result.bad_steps} skipped steps)")
     return 0
+
+
+def _lookup(values: dict, dotted: str):
+    for key in dotted.split("."):
+        values = values[key]
+    return values
 
 
 def _print_results(results: dict, title: str) -> None:
@@ -201,17 +244,26 @@ def _cmd_eval(args) -> int:
     from .evaluation import evaluate, parse_sampler
     from .loader import eval_batches
     from .report import write_json
-    from .training import default_eval_specs, load_trained_model, resolve_device
+    from .interop import match_normalization
+    from .training import default_eval_specs, resolve_device
 
     device = resolve_device(args.device)
-    model, diffusion, meta = load_trained_model(args.checkpoint, device)
+    model, diffusion, meta = _load_model(args, device)
+    if meta["config"]["data"]["dataset"] is None and args.dataset is None:
+        raise DidicmError(f"{args.checkpoint} does not record its data set (an official checkpoint): pass "
+                          "--dataset, e.g. folder:/data/imagenet")
     dataset = _dataset_of(meta, args.split, args)
-    if dataset.num_classes != meta["num_classes"]:
-        raise DidicmError(f"the checkpoint predicts {meta['num_classes']} classes but {dataset!r} has "
-                          f"{dataset.num_classes}; evaluate on the data set the model was trained for")
+    _check_same_data(meta, dataset)
     specs = [parse_sampler(s) for s in args.sampler] or default_eval_specs(model, meta["config"]["eval"])
-    results = evaluate(model, eval_batches(dataset, args.batch_size, device, limit=args.limit), specs, diffusion,
-                       seed=args.seed, num_classes=dataset.num_classes)
+    # tta:S draws its extra views with the data set's own train augmentation
+    augment = dataset.batch_augment() if any(spec.kind == "tta" for spec in specs) else None
+    total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    # the data set normalizes with its own statistics; an official model expects those it was trained with
+    batches = match_normalization(eval_batches(dataset, args.batch_size, device, limit=args.limit), dataset.mean,
+                                  dataset.std, meta["mean"], meta["std"])
+    results = evaluate(model, batches, specs, diffusion,
+                       seed=args.seed, num_classes=dataset.num_classes, augment=augment,
+                       progress=None if args.no_progress else total)
     title = f"{args.split} ({meta['model_name']}, {len(dataset) if args.limit is None else args.limit} images" + \
         (f", degradation {args.degradation}" if args.degradation else "") + ")"
     _print_results(results, title)
@@ -223,19 +275,35 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _check_same_data(meta: dict, dataset) -> None:
+    """Refuse a data set unlike the checkpoint's (channels or classes), naming both data sets."""
+    trained = meta["config"]["data"]["dataset"]
+    if dataset.in_chans != meta["in_chans"] or dataset.num_classes != meta["num_classes"]:
+        def describe(chans, classes):
+            kind = {1: "grey", 3: "RGB"}.get(chans, f"{chans}-channel")
+            return f"{classes} classes of {kind} images"
+        raise DidicmError(f"mismatched data set: the checkpoint was trained on {trained} "
+                          f"({describe(meta['in_chans'], meta['num_classes'])}) but {dataset.name} has "
+                          f"{describe(dataset.in_chans, dataset.num_classes)}; evaluate it on {trained} "
+                          "(drop --dataset) or on a data set like it")
+
+
 def _cmd_predict(args) -> int:
     import torch
 
     from .data.inputs import load_image_for_model
     from .evaluation import parse_sampler, predict
-    from .training import default_eval_specs, load_trained_model, resolve_device
+    from .training import default_eval_specs, resolve_device
 
     if args.topk <= 0:
         raise DidicmError(f"--topk must be positive, got {args.topk}")
     device = resolve_device(args.device)
-    model, diffusion, meta = load_trained_model(args.checkpoint, device)
+    model, diffusion, meta = _load_model(args, device)
     images = torch.stack([load_image_for_model(path, meta) for path in args.images]).to(device)
     spec = parse_sampler(args.sampler) if args.sampler else default_eval_specs(model, meta["config"]["eval"])[0]
+    if args.plot and spec.kind != "cp":  # refused before any work is printed
+        raise DidicmError(f"--plot draws the class distribution over CP's diffusion steps; sampler {spec.name} has no "
+                          "steps (for a classifier or twin, drop --plot; for DiDiCM, use --sampler cp:8)")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     want_trajectory = spec.kind == "cp"
     out = predict(model, images, spec, diffusion, generator, return_trajectory=want_trajectory)
@@ -248,13 +316,28 @@ def _cmd_predict(args) -> int:
         ranked = ", ".join(f"{classes[i]} {v:.3f}" for v, i in zip(values.tolist(), indices.tolist(), strict=True))
         print(f"{path}: {ranked}  (entropy {h.item():.3f} nats, sampler {spec.name})")
     if args.plot:
-        if trajectory is None:
-            raise DidicmError("--plot needs a CP sampler (e.g. --sampler cp:8): it draws the class distribution "
-                              "at each diffusion step")
         from .report import plot_trajectories_grid
 
         plot_trajectories_grid(images.cpu(), trajectory.cpu().numpy(), classes, None, args.plot)
         print(f"trajectory plot written to {args.plot}")
+    return 0
+
+
+def _load_model(args, device):
+    """(model, diffusion, meta) of a didicm run or an official checkpoint, with the official-file flags applied."""
+    from .interop import load_model, set_class_names, set_normalization
+
+    model, diffusion, meta = load_model(args.checkpoint, device, ema=args.ema)
+    if meta["format"] != "official" and (args.mean or args.std):
+        raise DidicmError("--mean/--std are for official checkpoints; a didicm run records its own normalization")
+    return model, diffusion, set_class_names(set_normalization(meta, args.mean, args.std), args.class_names)
+
+
+def _cmd_export(args) -> int:
+    from .interop import export_official
+
+    out = export_official(args.source, args.output, ema=args.ema)
+    print(f"official checkpoint written to {out} (validate.py: --checkpoint {out} --model <arch> --num-classes K)")
     return 0
 
 
@@ -275,16 +358,24 @@ def _cmd_study(args) -> int:
                       aggregate_results=not args.no_aggregate)
     if study is None:
         return 0
-    print(f"{len(study['cells'])} cells aggregated; report in {study['config']} -> see the output folder")
+    from .study import load_study
+
+    print(f"{len(study['cells'])} cells aggregated; report written to "
+          f"{Path(load_study(args.config)['output']) / 'report.md'}")
     return 0
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "demo": _cmd_demo, "study": _cmd_study,
-            "probe": _cmd_probe}
+            "probe": _cmd_probe, "export": _cmd_export}
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"didicm: warning: {message}\n"  # no source line: the user did not write it
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return COMMANDS[args.command](args)
     except DidicmError as error:
