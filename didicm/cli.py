@@ -242,9 +242,9 @@ def _cmd_probe(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .evaluation import evaluate, parse_sampler
+    from .interop import match_normalization
     from .loader import eval_batches
     from .report import write_json
-    from .interop import match_normalization
     from .training import default_eval_specs, resolve_device
 
     device = resolve_device(args.device)

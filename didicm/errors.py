@@ -6,8 +6,20 @@ built-in type (``ValueError``, ``FileNotFoundError``) so existing ``except`` cla
 """
 
 
+import re
+
+# terminal control sequences (colour, cursor moves) and other C0 controls but tab and newline
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
 class DidicmError(Exception):
-    """Base class of every error didicm raises on purpose. Messages name the problem and the fix."""
+    """Base class of every error didicm raises on purpose. Messages name the problem and the fix.
+
+    The message never carries terminal escape codes, even when it quotes a library's error or a file's content.
+    """
+
+    def __str__(self) -> str:
+        return _CONTROL.sub("", super().__str__())
 
 
 class ConfigError(DidicmError, ValueError):

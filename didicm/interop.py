@@ -278,8 +278,8 @@ def set_normalization(meta: dict, mean: list[float] | None, std: list[float] | N
         if len(value) == 1:
             value = list(value) * meta["in_chans"]
         if len(value) != meta["in_chans"] or (key == "std" and min(value) <= 0):
-            raise ConfigError(f"--{key} needs {meta['in_chans']} values (one per channel{', > 0' if key == 'std' else ''}), "
-                              f"got {list(value)}")
+            rule = "one per channel" + (", each > 0" if key == "std" else "")
+            raise ConfigError(f"--{key} needs {meta['in_chans']} values ({rule}), got {list(value)}")
         out[key] = [float(v) for v in value]
     return out
 
@@ -358,8 +358,9 @@ def export_official(src: str | Path, out: str | Path, ema: bool = False) -> Path
     sampler = eval_cfg["sampler"] if eval_cfg["sampler"] in _OFFICIAL_SAMPLERS else "cp"
     sampler_kwargs = {"mode": eval_cfg["mode"]} if sampler == "cp" else {"N": eval_cfg["chains"]}
     args = argparse.Namespace(
-        model=name, num_classes=meta["num_classes"], in_chans=meta["in_chans"], input_size=[meta["in_chans"], size, size],
-        img_size=size, mean=list(meta["mean"]), std=list(meta["std"]), model_kwargs=model_kwargs,
+        model=name, num_classes=meta["num_classes"], in_chans=meta["in_chans"],
+        input_size=[meta["in_chans"], size, size], img_size=size, mean=list(meta["mean"]), std=list(meta["std"]),
+        model_kwargs=model_kwargs,
         data_ratio=config["data"].get("data_ratio"), model_ema=bool(ema),
         diffusion_enabled=is_didirn, diffusion_noise=config["diffusion"]["schedule"],
         diffusion_eps=float(eval_cfg["eps"]), diffusion_steps=int(eval_cfg["steps"]),
