@@ -6,7 +6,14 @@
 """
 
 from .augment import BatchAugment, crop_padding, pixel_augment
-from .base import VAL_SPLIT_SEED, ClassificationDataset, class_balanced_subset, stratified_split
+from .base import (
+    RATIO_RULES,
+    VAL_SPLIT_SEED,
+    ClassificationDataset,
+    class_balanced_subset,
+    official_ratio_subset,
+    stratified_split,
+)
 from .datasets import (
     DEFAULT_VAL_SIZE,
     DEGRADATION_SEED,
@@ -29,14 +36,14 @@ from .degradations import (
     Resolution,
     parse_degradation,
 )
-from .folder import IMAGE_EXTENSIONS, BadImageWarning, FolderDataset, load_image
+from .folder import IMAGE_EXTENSIONS, BadImageWarning, FileList, FolderDataset, load_image
 from .memory import InMemoryDataset
 from .readers import RawSplit, find_idx_files, load_cifar_dir, load_digits_splits, load_idx_dir, read_idx
 from .safe_pickle import safe_load, safe_loads
 
 __all__ = [
     "BadImageWarning", "BatchAugment", "ClassificationDataset", "DEFAULT_VAL_SIZE", "DEGRADATION_SEED", "DEGRADATIONS",
-    "DataSource",
+    "DataSource", "FileList", "RATIO_RULES", "official_ratio_subset",
     "Degradation", "DegradationPipeline", "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "FolderDataset",
     "GaussianBlur", "GaussianNoise", "IMAGE_EXTENSIONS", "InMemoryDataset", "Jpeg", "NORMALIZATION", "RawSplit",
     "Resolution", "SPLITS", "VAL_SPLIT_SEED", "class_balanced_subset", "create_dataset", "crop_padding",

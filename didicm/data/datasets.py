@@ -32,7 +32,14 @@ import numpy as np
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import ConfigError, DataError
-from .base import VAL_SPLIT_SEED, ClassificationDataset, class_balanced_subset, stratified_split
+from .base import (
+    RATIO_RULES,
+    VAL_SPLIT_SEED,
+    ClassificationDataset,
+    class_balanced_subset,
+    official_ratio_subset,
+    stratified_split,
+)
 from .degradations import parse_degradation
 from .folder import (
     IMAGE_EXTENSIONS,
@@ -221,13 +228,17 @@ def _check_args(split, image_size, data_ratio, seed, on_bad_image) -> None:
         raise ConfigError(f"on_bad_image must be 'fail' or 'skip', got {on_bad_image!r}")
 
 
-def _split_rows(split: str, labels: np.ndarray, val_size, data_ratio: float, seed: int, label: str) -> np.ndarray:
+def _split_rows(split: str, labels: np.ndarray, val_size, data_ratio: float, seed: int, label: str,
+                ratio_rule: str = "didicm") -> np.ndarray:
     """Rows of the training pool that form 'train' or 'val'."""
     train_rows, val_rows = stratified_split(labels, val_size)
     if split == "val":
         if len(val_rows) == 0:
-            raise ConfigError(f"{label}: the 'val' split is empty because val_size=0; pass a positive val_size")
+            raise ConfigError(f"{label}: the 'val' split is empty because val_size=0; pass a positive val_size, "
+                              "or evaluate on the held-out folder (eval_split 'test')")
         return val_rows
+    if ratio_rule == "official":
+        return train_rows[official_ratio_subset(labels[train_rows], data_ratio)]
     subset = class_balanced_subset(labels[train_rows], data_ratio, seed)
     return train_rows[subset]
 
@@ -235,7 +246,8 @@ def _split_rows(split: str, labels: np.ndarray, val_size, data_ratio: float, see
 def create_dataset(name: str, split: str, root: str | None = None, image_size: int | None = None,
                    degradation: str | None = None, augment: bool = False, data_ratio: float = 1.0,
                    val_size: int | float | None = None, seed: int = 0,
-                   on_bad_image: str = "fail") -> ClassificationDataset:
+                   on_bad_image: str = "fail", ratio_rule: str = "didicm",
+                   transform: dict | None = None) -> ClassificationDataset:
     """Build one split of a data set.
 
     Args:
@@ -253,6 +265,10 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
             Fashion-MNIST, 10% otherwise; 0: no validation split, 'train' uses all training files.
         seed: chooses the data-ratio subset (and nothing else).
         on_bad_image: 'fail' or 'skip' unreadable image files (folder data sets).
+        ratio_rule: 'didicm' (``class_balanced_subset``) or 'official' (``official_ratio_subset``: seed 42,
+            floor(n_c * ratio) per class).
+        transform: folder data sets only: timm transform options (see ``FolderDataset``), e.g.
+            {'auto_augment': 'rand-m7-mstd0.5-inc1', 'train_interpolation': 'random', 'interpolation': 'bicubic'}.
     Returns:
         A ``ClassificationDataset`` whose items are (image [C, S, S] float, normalized; label int).
     Raises:
@@ -260,6 +276,8 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
         ConfigError: bad split, image_size, data_ratio, val_size, seed, on_bad_image or degradation.
     """
     _check_args(split, image_size, data_ratio, seed, on_bad_image)
+    if ratio_rule not in RATIO_RULES:
+        raise ConfigError(f"ratio_rule must be one of {RATIO_RULES}, got {ratio_rule!r}")
     # The degraded images are a fixed property of the data set (seeded by image, not by run), so every method
     # and every run seed is evaluated on the very same degraded test set.
     pipeline = parse_degradation(degradation, seed=DEGRADATION_SEED)
@@ -270,21 +288,24 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
     if source.kind == "folder":
         image_size = image_size or native_folder_size(source.root / "train", folder_classes(source.root / "train"))
         return _create_folder(source, split, image_size, pipeline, augment, data_ratio,
-                              val_size, int(seed), on_bad_image)
+                              val_size, int(seed), on_bad_image, ratio_rule, transform)
+    if transform:
+        raise ConfigError(f"transform options {sorted(transform)} apply to folder data sets only, not {source.label}")
     raw, classes = _load_raw(source)
     mean, std = _normalization(source, raw["train"])
     if split == "test":
         pool, rows, stream = raw["test"], np.arange(len(raw["test"].labels)), 1
     else:
         pool, stream = raw["train"], 0
-        rows = _split_rows(split, pool.labels, val_size, data_ratio, int(seed), source.label)
+        rows = _split_rows(split, pool.labels, val_size, data_ratio, int(seed), source.label, ratio_rule)
     images = pool.images[rows]
     return InMemoryDataset(source.label, split, images, pool.labels[rows], rows, stream, classes,
                            image_size or images.shape[-1], mean, std, pipeline, augment and split == "train", hflip)
 
 
 def _create_folder(source: DataSource, split: str, image_size: int, pipeline, augment: bool, data_ratio: float,
-                   val_size, seed: int, on_bad_image: str) -> FolderDataset:
+                   val_size, seed: int, on_bad_image: str, ratio_rule: str = "didicm",
+                   transform: dict | None = None) -> FolderDataset:
     classes = folder_classes(source.root / "train")
     if split == "test":
         test_dir = find_test_dir(source.root)
@@ -295,13 +316,13 @@ def _create_folder(source: DataSource, split: str, image_size: int, pipeline, au
         rows = np.arange(len(samples))
     else:
         samples, stream = list_folder(source.root / "train", classes), 0
-        if not samples:
+        if not len(samples):
             raise DataError(f"{source.root / 'train'}: no image files under its class directories; expected "
                             f"<class>/<name> with an extension among {', '.join(IMAGE_EXTENSIONS)}")
-        labels = np.array([label for _, label in samples], dtype=np.int64)
-        rows = _split_rows(split, labels, val_size, data_ratio, seed, source.label)
-    return FolderDataset(source.label, split, [samples[i] for i in rows], rows, stream, classes, image_size, pipeline,
-                         augment and split == "train", on_bad_image)
+        rows = _split_rows(split, samples.labels.astype(np.int64), val_size, data_ratio, seed, source.label,
+                           ratio_rule)
+    return FolderDataset(source.label, split, samples if len(rows) == len(samples) else samples.subset(rows), rows,
+                         stream, classes, image_size, pipeline, augment and split == "train", on_bad_image, transform)
 
 
 def dataset_info(name: str, root: str | None = None) -> dict:

@@ -17,6 +17,8 @@ Bad files (``on_bad_image``):
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -29,7 +31,7 @@ from ..errors import DataError
 from .base import ClassificationDataset
 from .degradations import DegradationPipeline
 
-__all__ = ["FolderDataset", "IMAGE_EXTENSIONS", "folder_classes", "list_folder", "load_image", "find_test_dir"]
+__all__ = ["FileList", "FolderDataset", "IMAGE_EXTENSIONS", "folder_classes", "list_folder", "load_image", "find_test_dir"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 DEFAULT_FOLDER_SIZE = 224
@@ -97,18 +99,102 @@ def find_test_dir(root: Path) -> Path | None:
     return None
 
 
-def list_folder(split_dir: Path, classes: list[str]) -> list[tuple[Path, int]]:
-    """(path, label) for every image-extension file under ``split_dir/<class>/``, sorted; others ignored."""
+def _natural_key(text: str) -> list:
+    """timm's file order (``timm.utils.natural_key``): digit runs compare as numbers, so img9 < img10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text.lower())]
+
+
+class FileList:
+    """(path, label) pairs stored compactly: the relative paths as one UTF-8 bytes blob plus an offsets array.
+
+    A Python list of 1.28 M ``Path`` objects costs about 520 bytes per file and is slowly copied into every forked
+    DataLoader worker (reference counts dirty its pages); here a file costs its name's bytes plus 12, and the
+    numpy arrays stay shared between forked workers.
+
+    Args:
+        root: the directory the relative paths are under.
+        names: relative paths (``str``), in order.
+        labels: one int per name.
+    """
+
+    def __init__(self, root: Path, names, labels):
+        self.root = Path(root)
+        encoded = [name.encode("utf-8", "surrogateescape") for name in names]
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.offsets[1:])
+        self.blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.labels = np.asarray(labels, dtype=np.int32)
+        if len(self.labels) != len(encoded):
+            raise DataError(f"FileList: {len(encoded)} names but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        start, stop = self.offsets[index], self.offsets[index + 1]
+        return self.blob[start:stop].tobytes().decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, index: int) -> tuple[Path, int]:
+        index = int(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"file {index} out of range for a list of {len(self)}")
+        return self.root / self.name(index), int(self.labels[index])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def subset(self, rows) -> FileList:
+        """The files at ``rows`` (an int array), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = FileList.__new__(FileList)
+        out.root = self.root
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        out.offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out.offsets[1:])
+        starts = np.repeat(self.offsets[rows] - out.offsets[:-1], lengths)  # blob position of every output byte
+        out.blob = self.blob[starts + np.arange(int(out.offsets[-1]))] if len(rows) else self.blob[:0]
+        out.labels = self.labels[rows]
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.blob.nbytes + self.offsets.nbytes + self.labels.nbytes
+
+
+def _walk_images(directory: str, prefix: str, out: list[str]) -> None:
+    """Relative paths of the image files under ``directory`` (recursively, hidden entries skipped)."""
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=True):
+                _walk_images(entry.path, f"{prefix}{entry.name}/", out)
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                out.append(prefix + entry.name)
+
+
+def list_folder(split_dir: Path, classes: list[str]) -> FileList:
+    """(path, label) for every image-extension file under ``split_dir/<class>/``, others ignored.
+
+    One pass of ``os.scandir`` per directory; within a class, files are in timm's natural order (img9 before
+    img10), the order the official data-ratio rule permutes.
+    """
     index = {name: i for i, name in enumerate(classes)}
-    samples = []
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if class_dir.name not in index:
-            raise DataError(f"{class_dir}: class {class_dir.name!r} does not exist in the train directory; "
+    names: list[str] = []
+    labels: list[int] = []
+    for class_name in sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith(".")):
+        if class_name not in index:
+            raise DataError(f"{split_dir / class_name}: class {class_name!r} does not exist in the train directory; "
                             "every held-out class needs a train/<class> directory too")
-        for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-                samples.append((path, index[class_dir.name]))
-    return samples
+        found: list[str] = []
+        _walk_images(os.path.join(split_dir, class_name), f"{class_name}/", found)
+        found.sort(key=_natural_key)
+        names.extend(found)
+        labels.extend([index[class_name]] * len(found))
+    return FileList(split_dir, names, labels)
 
 
 def _high_depth_to_8bit(image: Image.Image) -> Image.Image:
@@ -140,7 +226,9 @@ def load_image(path: Path, in_chans: int = 3) -> Image.Image:
                 image = _high_depth_to_8bit(image)
             elif image.mode == "P" and "transparency" in image.info:
                 image = image.convert("RGBA")  # Pillow warns when a transparent palette goes straight to RGB
-            return image.convert("RGB" if in_chans == 3 else "L")
+            target = "RGB" if in_chans == 3 else "L"
+            # leaving the block closes only the file; the decoded pixels stay (no copy when the mode is right)
+            return image if image.mode == target else image.convert(target)
     except _DECODE_ERRORS as err:
         raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}. Remove or replace the file "
                         "(folder data sets skip such files with --on-bad-image skip, or data.on_bad_image: skip)") \
@@ -162,21 +250,38 @@ def _header_ok(path: Path) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
+# timm's create_transform options a folder data set passes through (the official train.py flags); see FolderDataset.
+TRANSFORM_KEYS = ("auto_augment", "interpolation", "train_interpolation", "color_jitter", "scale", "ratio", "hflip",
+                  "crop_pct")
+
+
 class FolderDataset(ClassificationDataset):
     """Images read from files; see the module docstring for layout, conversions and bad-file handling.
 
+    Items are normalized float images (``__getitem__``); loaders call ``pixels`` instead, which stops before
+    normalization and returns uint8 pixels (a quarter of the bytes to move; the device normalizes, as timm's
+    prefetcher does), or float pixels in [0, 1] when a degradation made them non-integer.
+
     Args:
-        samples: (path, label) pairs.
+        samples: a ``FileList`` (or (path, label) pairs).
         source_index: [N] int, each file's position in its directory's full sorted listing (seeds degradation).
         stream: 0 for files under train/, 1 for the held-out directory.
         on_bad_image: 'fail' or 'skip'.
+        transform: timm ``create_transform`` options (``TRANSFORM_KEYS``): ``auto_augment`` (e.g.
+            'rand-m7-mstd0.5-inc1'), ``train_interpolation`` ('random', 'bicubic', ...; default 'bilinear'),
+            ``interpolation`` (evaluation, default 'bilinear'), ``color_jitter`` (0.4), ``scale``, ``ratio``,
+            ``hflip`` (0.5), ``crop_pct`` (evaluation centre crop, 0.875).
         Other args: see ``ClassificationDataset``.
     """
 
-    def __init__(self, name: str, split: str, samples: list[tuple[Path, int]], source_index: np.ndarray,
+    def __init__(self, name: str, split: str, samples, source_index: np.ndarray,
                  stream: int, classes: list[str], image_size: int, degradation: DegradationPipeline, augment: bool,
-                 on_bad_image: str):
+                 on_bad_image: str, transform: dict | None = None):
         self.bad_files: list[tuple[str, str]] = []
+        if not isinstance(samples, FileList):
+            samples = list(samples)
+            root = Path(os.path.commonpath([str(p) for p, _ in samples])) if samples else Path(".")
+            samples = FileList(root, [os.path.relpath(p, root) for p, _ in samples], [label for _, label in samples])
         source_index = np.asarray(source_index, dtype=np.int64)
         if on_bad_image == "skip":
             reasons = [_header_ok(path) for path, _ in samples]
@@ -187,12 +292,12 @@ class FolderDataset(ClassificationDataset):
                 warnings.warn(f"{name} {split}: skipped {len(self.bad_files)} unreadable file(s) of {len(samples)} "
                               f"(first: {first}: {why}); the list is in dataset.bad_files", BadImageWarning,
                               stacklevel=3)
-            samples = [samples[i] for i in keep]
-            source_index = source_index[keep]
-        if not samples:
+                samples = samples.subset(keep)
+                source_index = source_index[keep]
+        if not len(samples):
             raise DataError(f"{name} {split}: no readable images found; check the directory layout "
                             "<root>/train/<class>/<image files> and the files themselves")
-        targets = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        targets = torch.from_numpy(samples.labels.astype(np.int64))
         super().__init__(name, split, classes, 3, image_size, targets, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                          degradation, augment, hflip=True)
         self.samples = samples
@@ -201,10 +306,20 @@ class FolderDataset(ClassificationDataset):
         self.on_bad_image = on_bad_image
         self._warned_at_read = False
         self._unreadable: set[int] = set()
-        # normalize=False: timm's transform stops at a [0, 1] tensor, so the degradation can run before normalizing.
-        self._train_transform = create_transform(self.image_size, is_training=True, normalize=False)
-        self._eval_transform = create_transform(self.image_size, is_training=False, crop_pct=FOLDER_CROP_PCT,
-                                                normalize=False)
+        options = dict(transform or {})
+        unknown = sorted(set(options) - set(TRANSFORM_KEYS))
+        if unknown:
+            raise DataError(f"unknown folder transform option(s) {unknown}; valid: {list(TRANSFORM_KEYS)}")
+        self.transform_options = options
+        train_kwargs = {k: options[k] for k in ("auto_augment", "color_jitter", "hflip") if options.get(k) is not None}
+        train_kwargs.update({k: tuple(options[k]) for k in ("scale", "ratio") if options.get(k) is not None})
+        # normalize=False: timm's transform stops at a uint8 tensor, so the degradation can run before normalizing.
+        self._train_transform = create_transform(self.image_size, is_training=True, normalize=False,
+                                                 interpolation=options.get("train_interpolation") or "bilinear",
+                                                 **train_kwargs)
+        self._eval_transform = create_transform(self.image_size, is_training=False, normalize=False,
+                                                crop_pct=options.get("crop_pct") or FOLDER_CROP_PCT,
+                                                interpolation=options.get("interpolation") or "bilinear")
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
         """Decode image ``index``; with 'skip', fall forward to the next readable image."""
@@ -228,20 +343,20 @@ class FolderDataset(ClassificationDataset):
         raise DataError(f"{self.name} {self.split}: none of the {len(self.samples)} images can be decoded; "
                         "check the files")
 
-    def _load(self, index: int, train: bool) -> tuple[torch.Tensor, int]:
-        """(normalized [3, S, S] image, index of the file actually used) for item ``index``."""
-        image, used = self._read(index)
-        pixels = (self._train_transform if train else self._eval_transform)(image)
-        # timm's transform without normalization returns the PIL pixels unscaled (uint8).
-        pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float().clamp(0.0, 1.0)
-        if len(self.degradation):
-            pixels = self.degradation(pixels, index=int(self.source_index[used]), stream=self.stream)
-        return self.normalize(pixels), used
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def pixels(self, index: int) -> tuple[torch.Tensor, int]:
+        """(unnormalized [3, S, S] image, label): uint8, or float in [0, 1] when a degradation is set."""
         index = int(index)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a data set of {len(self)} images")
-        image, used = self._load(index % len(self), self.augment)
+        image, used = self._read(index % len(self))
+        pixels = (self._train_transform if self.augment else self._eval_transform)(image)
+        if len(self.degradation):
+            pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float().clamp(0.0, 1.0)
+            pixels = self.degradation(pixels, index=int(self.source_index[used]), stream=self.stream)
         # The label travels with the image actually used, so a substituted file keeps image and label matched.
-        return image, int(self.targets[used])
+        return pixels, int(self.targets[used])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        pixels, label = self.pixels(index)
+        pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
+        return self.normalize(pixels), label
