@@ -25,7 +25,8 @@ from .errors import ConfigError, InputError
 
 __all__ = [
     "NLL_FLOOR", "ROW_SUM_TOLERANCE", "top_k_accuracy", "nll", "ece", "brier", "mean_entropy", "aurc",
-    "optimal_aurc", "reliability_bins", "classification_metrics", "MetricAccumulator",
+    "optimal_aurc", "reliability_bins", "classification_metrics", "MetricAccumulator", "fit_temperature",
+    "apply_temperature", "accuracy_at_coverage", "auroc",
 ]
 
 # A CL histogram puts exactly 0 on classes no chain reached; -log 0 is infinite, so probabilities are clamped
@@ -381,3 +382,86 @@ def optimal_aurc(num_examples: int, num_errors: int) -> float:
     harmonic_gap = math.fsum(1.0 / n for n in range(correct + 1, num_examples + 1))
     return (num_errors - correct * harmonic_gap) / num_examples
 
+
+
+# ---- post-hoc calibration and uncertainty scores -------------------------------------------------------------
+# Temperatures are searched over log T in [log 0.05, log 20]: wide enough for every network seen here (CP
+# outputs are rarely off by more than 3x), narrow enough that a degenerate split cannot send T to 0 or infinity.
+_LOG_T_RANGE = (math.log(0.05), math.log(20.0))
+
+
+def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T): the temperature-scaled distribution (rows of ``probs`` on the simplex).
+
+    For a softmax classifier log p equals the logits up to a per-row constant, so this is ordinary temperature
+    scaling; for CP outputs it scales their log-probabilities. Zeros (CL histograms) are clamped to NLL_FLOOR.
+    """
+    probs = _check_probs(probs)
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise ConfigError(f"temperature must be a positive finite number, got {temperature!r}")
+    return torch.softmax(probs.clamp_min(NLL_FLOOR).log() / temperature, dim=1)
+
+
+def fit_temperature(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature T minimising the NLL of ``apply_temperature(probs, T)`` on (probs, labels).
+
+    Guo et al. (2017) fit T on a validation split and apply it to the test split; the NLL is convex in 1/T, so a
+    bounded 1-D search on log T finds the optimum. Deterministic (no random start).
+    """
+    from scipy.optimize import minimize_scalar  # scipy ships with scikit-learn, already a dependency
+
+    probs = _check_probs(probs)
+    labels = _check_labels(labels, probs)
+    log_p = probs.clamp_min(NLL_FLOOR).log()
+
+    def loss(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(log_p / math.exp(log_t), labels))
+
+    result = minimize_scalar(loss, bounds=_LOG_T_RANGE, method="bounded", options={"xatol": 1e-5})
+    return float(math.exp(result.x))
+
+
+def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float = 0.9) -> float:
+    """Top-1 accuracy (percent) on the ``coverage`` fraction of examples with the highest max-probability.
+
+    Examples tied with the last one kept share the remaining slots by their mean credit (as in ``aurc``).
+    """
+    if not 0 < coverage <= 1:
+        raise ConfigError(f"coverage must lie in (0, 1], got {coverage!r}")
+    probs = _check_probs(probs)
+    labels = _check_labels(labels, probs)
+    confidence, correct = probs.max(dim=1).values.cpu(), _top_k_credit(probs, labels, 1).cpu()
+    keep = max(1, math.ceil(coverage * confidence.numel()))
+    threshold = torch.sort(confidence, descending=True).values[keep - 1]
+    above = confidence > threshold
+    tied = confidence == threshold
+    slots = keep - int(above.sum())
+    total = float(correct[above].sum()) + slots * float(correct[tied].mean())
+    return 100.0 * total / keep
+
+
+def auroc(in_scores, out_scores) -> float:
+    """Area under the ROC curve for telling out-of-distribution inputs from in-distribution ones, where a
+    HIGHER score means "more likely out of distribution" (e.g. entropy, or 1 - max-probability).
+
+    The Mann-Whitney statistic: the probability that a random OOD input scores above a random in-distribution
+    one, ties counting one half. 0.5 is chance, 1.0 perfect separation.
+    """
+    a = torch.as_tensor(in_scores, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(out_scores, dtype=torch.float64).reshape(-1)
+    if a.numel() == 0 or b.numel() == 0:
+        raise InputError("auroc needs at least one in-distribution and one out-of-distribution score")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise InputError("auroc scores hold NaN or Inf")
+    joint = torch.cat([a, b])
+    # average ranks (1-based) so that ties count one half
+    order = torch.argsort(joint, stable=True)
+    sorted_scores = joint[order]
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    mean_rank = ends - (counts.to(torch.float64) - 1) / 2
+    ranks = torch.empty_like(joint)
+    ranks[order] = mean_rank[inverse]
+    rank_sum_out = float(ranks[a.numel():].sum())
+    n_in, n_out = a.numel(), b.numel()
+    return (rank_sum_out - n_out * (n_out + 1) / 2) / (n_in * n_out)

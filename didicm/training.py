@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import time
@@ -36,9 +37,10 @@ from .config import TrainConfig
 from .data import create_dataset
 from .diffusion import UniformDiffusion, create_schedule
 from .errors import CheckpointError, ConfigError, DidicmError
-from .evaluation import SamplerSpec, evaluate
+from .evaluation import SamplerSpec, collect_probs, evaluate
 from .loader import TrainStream, eval_batches, mix_seed
 from .objectives import cross_entropy_loss, diffusion_loss, epsilon_loss, noisy_label_cross_entropy
+from .selection import Selection, selection_scores
 
 __all__ = ["TrainingError", "TrainResult", "train", "build_model", "device_name", "diffusion_from_config",
            "resolve_device", "load_trained_model", "default_eval_specs"]
@@ -190,9 +192,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         if is_diffusion or cfg.optim.noisy_labels else None
     optimizer = create_optimizer_v2(model, opt=cfg.optim.opt, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                     momentum=cfg.optim.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.optim.sched, num_epochs=cfg.optim.steps,
-                                       warmup_epochs=cfg.optim.warmup_steps, min_lr=cfg.optim.min_lr,
-                                       warmup_lr=cfg.optim.lr * 1e-2)
+    # budgets in epochs become steps: an epoch is one pass over this run's training split
+    steps_per_epoch = math.ceil(len(train_set) / cfg.optim.batch_size)
+    total_steps = cfg.optim.steps if cfg.optim.epochs is None else math.ceil(cfg.optim.epochs * steps_per_epoch)
+    warmup_steps = cfg.optim.warmup_steps if cfg.optim.warmup_epochs is None else \
+        round(cfg.optim.warmup_epochs * steps_per_epoch)
+    interval = _validation_interval(cfg, steps_per_epoch)
+    selection = Selection(cfg.eval.select, cfg.optim.patience, cfg.optim.lr_patience, cfg.optim.lr_decay) \
+        if cfg.eval.select else None
+    plateau = cfg.optim.sched == "plateau"
+    scheduler = None
+    if not plateau:
+        scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.optim.sched, num_epochs=total_steps,
+                                           warmup_epochs=warmup_steps, min_lr=cfg.optim.min_lr,
+                                           warmup_lr=cfg.optim.lr * 1e-2)
     ema = ModelEmaV3(model, decay=cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     mix = cfg.optim.mixup > 0 or cfg.optim.cutmix > 0
     mixup = Mixup(mixup_alpha=cfg.optim.mixup, cutmix_alpha=cfg.optim.cutmix, label_smoothing=0.0,
@@ -209,7 +222,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if resume:
         found = latest_checkpoint(run_dir)
         if found is not None:
-            start_step, bad_total, earlier_seconds = _restore(found, model, optimizer, ema, cfg)
+            start_step, bad_total, earlier_seconds, state = _restore(found, model, optimizer, ema, cfg)
+            if selection is not None and state is not None:
+                selection = Selection.from_state(state)
             if main:
                 log(f"resuming from {found} at step {start_step}")
 
@@ -231,14 +246,20 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     bar = None
     if progress and main:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.optim.steps, initial=start_step, desc="train", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, leave=False)
     consecutive_bad, step, running = 0, start_step, None
+    val_specs = default_eval_specs(model, cfg.to_dict()["eval"])
     train_model.train()
-    for images, targets in stream.batches(start_step, cfg.optim.steps):
+    for images, targets in stream.batches(start_step, total_steps):
+        if selection is not None and selection.should_stop:
+            break  # a resumed run that had already stopped
         _seed_everything(mix_seed(cfg.seed, 2, step, rank))
         if mixup is not None:
             images, targets = mixup(images, targets)
-        scheduler.step(step)
+        if plateau:
+            _set_lr(optimizer, cfg.optim.lr * selection.lr_scale * min(1.0, 0.01 + 0.99 * step / max(warmup_steps, 1)))
+        else:
+            scheduler.step(step)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             if is_generative:
                 loss = epsilon_loss(train_model, images, targets)
@@ -282,26 +303,49 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}" if running is not None else "nan", lr=f"{lr:.2e}")
-            if step % 10 == 0 or step == cfg.optim.steps:
+            if step % 10 == 0 or step == total_steps:
                 _write_csv_row(log_path, dict(step=step, epoch=round(stream.epoch_of(step), 4), loss=running,
                                               lr=lr, bad_steps=bad_total,
                                               seconds=round(time.perf_counter() - started, 3)))
                 if writer is not None:
                     writer.add_scalar("train/loss", running or float("nan"), step)
-            if step % cfg.checkpoint_every == 0 and step < cfg.optim.steps:
+            validate = selection is not None and (step % interval == 0 or step == total_steps)
+            if validate:
+                current = ema.module if ema is not None else model
+                probs, labels = collect_probs(current, eval_batches(val_set, cfg.eval.batch_size, device),
+                                              val_specs[0], diffusion, seed=cfg.seed)
+                train_model.train()
+                scores = selection_scores(probs, labels)
+                if selection.update(step, stream.epoch_of(step), scores):
+                    save_checkpoint(run_dir / "best.safetensors",
+                                    {f"model/{k}": v for k, v in current.state_dict().items()},
+                                    dict(meta_base, kind="model", step=step, epoch=stream.epoch_of(step)))
+                _write_csv_row(run_dir / "validation.csv", selection.history[-1])
+                if bar is not None:
+                    bar.set_description(f"train (val {cfg.eval.select} {scores[cfg.eval.select]:.4g}, best "
+                                        f"{selection.best_value:.4g} at epoch {selection.best_epoch:.1f})")
+            if validate or (step % cfg.checkpoint_every == 0 and step < total_steps):
                 _save_state(ckpt_dir, step, model, optimizer, ema, meta_base, bad_total, cfg.keep_checkpoints,
-                            earlier_seconds + time.perf_counter() - started, stream.epoch_of(step))
+                            earlier_seconds + time.perf_counter() - started, stream.epoch_of(step),
+                            selection.state_dict() if selection is not None else None)
         if fault_after_steps is not None and step - start_step >= fault_after_steps:
             raise KeyboardInterrupt(f"fault injected after step {step}")
+        if selection is not None and selection.should_stop:
+            break
     if bar is not None:
         bar.close()
 
     train_seconds = earlier_seconds + time.perf_counter() - started  # all sessions of a resumed run
     final = ema.module if ema is not None else model
     metrics = {}
+    if selection is not None and selection.best_step is not None:
+        if selection.best_step != step:  # the best validation's weights, from the file written when it happened
+            _load_state(final, load_checkpoint(run_dir / "best.safetensors").section("model"),
+                        run_dir / "best.safetensors")
     if main:
         _save_state(ckpt_dir, step, model, optimizer, ema, meta_base, bad_total, cfg.keep_checkpoints,
-                    earlier_seconds + time.perf_counter() - started, stream.epoch_of(step))
+                    earlier_seconds + time.perf_counter() - started, stream.epoch_of(step),
+                    selection.state_dict() if selection is not None else None)
         specs = default_eval_specs(final, cfg.to_dict()["eval"])
         batches = eval_batches(val_set, cfg.eval.batch_size, device)
         if is_generative:  # fit the probability scale on some validation images, report on others
@@ -310,7 +354,16 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             peers.calibrate_error_scale(final, [(images[:fit], labels[:fit])], GENERATIVE_EVAL_DRAWS, seed=cfg.seed)
             batches = [(images[fit:], labels[fit:])]
         results = evaluate(final, batches, specs, diffusion, seed=cfg.seed, num_classes=num_classes)
-        metrics = {"val": results, "train_seconds": round(train_seconds, 2), "bad_steps": bad_total}
+        metrics = {"val": results, "train_seconds": round(train_seconds, 2), "bad_steps": bad_total,
+                   "steps_run": step, "epochs_run": round(stream.epoch_of(step), 4), "steps_per_epoch": steps_per_epoch}
+        if selection is not None:
+            # converged: training went on past its best validation (it stopped by patience, or at least the
+            # budget's end was not the best point); otherwise a longer budget might still help
+            metrics["selection"] = {"metric": selection.metric, "best_step": selection.best_step,
+                                    "best_epoch": round(selection.best_epoch, 4), "best_value": selection.best_value,
+                                    "stopped_early": selection.should_stop,
+                                    "converged": selection.best_step < step, "lr_scale": selection.lr_scale,
+                                    "history": selection.history}
         save_checkpoint(run_dir / "model.safetensors", {f"model/{k}": v for k, v in final.state_dict().items()},
                         dict(meta_base, kind="model", step=step, metrics=metrics))
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -322,8 +375,21 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                        time.perf_counter() - started)
 
 
+def _validation_interval(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """Steps between validations: eval_every, or eval_every_epochs in steps, the longer; one epoch if only
+    eval.select asks for validation."""
+    by_epochs = math.ceil(cfg.eval_every_epochs * steps_per_epoch) if cfg.eval_every_epochs else 0
+    interval = max(cfg.eval_every, by_epochs)
+    return interval if interval > 0 else steps_per_epoch
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
 def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict, bad_total: int, keep: int,
-                seconds: float, epoch: float) -> None:
+                seconds: float, epoch: float, selection: dict | None = None) -> None:
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     optim_tensors, optim_rest = flatten_optimizer_state(optimizer.state_dict())
     tensors.update({f"optim/{k}": v for k, v in optim_tensors.items()})
@@ -331,14 +397,14 @@ def _save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dic
         tensors.update({f"ema/{k}": v for k, v in ema.module.state_dict().items()})
     save_checkpoint(ckpt_dir / f"step_{step:08d}.safetensors", tensors,
                     dict(meta_base, kind="train_state", step=step, epoch=epoch, bad_steps=bad_total,
-                         train_seconds=round(seconds, 3), optimizer=optim_rest))
+                         train_seconds=round(seconds, 3), optimizer=optim_rest, selection=selection))
     steps = sorted(p for p in ckpt_dir.glob("step_*.json"))
     for old in steps[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
-def _restore(path: Path, model, optimizer, ema, cfg: TrainConfig) -> tuple[int, int, float]:
+def _restore(path: Path, model, optimizer, ema, cfg: TrainConfig) -> tuple[int, int, float, dict | None]:
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     if meta.get("model_name") != cfg.model.name:
@@ -351,7 +417,8 @@ def _restore(path: Path, model, optimizer, ema, cfg: TrainConfig) -> tuple[int, 
         if not section:
             raise CheckpointError(f"cannot resume with EMA from {path}: it was saved without EMA")
         _load_state(ema.module, section, path)
-    return int(meta["step"]), int(meta.get("bad_steps", 0)), float(meta.get("train_seconds", 0.0))
+    return (int(meta["step"]), int(meta.get("bad_steps", 0)), float(meta.get("train_seconds", 0.0)),
+            meta.get("selection"))
 
 
 def _load_state(model: torch.nn.Module, state: dict, path) -> None:

@@ -1,0 +1,91 @@
+"""Model selection on the validation split: one rule for every arm of a comparison.
+
+Training validates every ``interval`` steps. Each validation scores the model's own headline prediction (the
+softmax of a classifier, CP-S of DiDiCM) by a metric of ``SELECT_METRICS``; the best validation's weights are
+the model that training returns. Two rules act on the count of validations since the last improvement:
+
+- ``lr_patience``: after that many, the learning rate is multiplied by ``lr_decay`` (reduce-on-plateau; the
+  'plateau' schedule), and the count restarts;
+- ``patience``: after that many, training stops (early stopping).
+
+So every arm is trained until its own validation metric stops improving, whatever the data size, and a run
+that hits its epoch budget while still improving is marked as not converged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .metrics import apply_temperature, classification_metrics, fit_temperature
+
+__all__ = ["SELECT_METRICS", "selection_scores", "Selection"]
+
+# name -> True when higher is better
+SELECT_METRICS = {"nll_ts": False, "nll": False, "top1": True}
+
+
+def selection_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Validation metrics before and after a temperature fitted on the same split: the quantities a model is
+    selected by. ``nll_ts`` is the NLL after temperature scaling (what a user would see after calibrating)."""
+    scores = classification_metrics(probs, labels)
+    temperature = fit_temperature(probs, labels)
+    scaled = classification_metrics(apply_temperature(probs, temperature), labels)
+    scores.update(T=temperature, nll_ts=scaled["nll"], ece_ts=scaled["ece"], brier_ts=scaled["brier"])
+    return scores
+
+
+@dataclass
+class Selection:
+    """The state of model selection; plain data, saved in every checkpoint so a resumed run decides alike."""
+
+    metric: str
+    patience: int = 0  # validations without improvement before stopping; 0: never stop early
+    lr_patience: int = 0  # validations without improvement before the learning rate decays; 0: never
+    lr_decay: float = 0.2
+    best_value: float | None = None
+    best_step: int | None = None
+    best_epoch: float | None = None
+    since_best: int = 0  # validations since the last improvement
+    since_decay: int = 0  # validations since the last improvement or decay
+    lr_scale: float = 1.0
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.metric not in SELECT_METRICS:
+            raise ConfigError(f"eval.select must be one of {sorted(SELECT_METRICS)}, got {self.metric!r}")
+
+    def update(self, step: int, epoch: float, scores: dict[str, float]) -> bool:
+        """Record one validation; True when it is the best so far (its weights should be kept)."""
+        value = float(scores[self.metric])
+        if not math.isfinite(value):
+            value = -math.inf if SELECT_METRICS[self.metric] else math.inf
+        higher = SELECT_METRICS[self.metric]
+        improved = self.best_value is None or (value > self.best_value if higher else value < self.best_value)
+        if improved:
+            self.best_value, self.best_step, self.best_epoch = value, step, epoch
+            self.since_best = self.since_decay = 0
+        else:
+            self.since_best += 1
+            self.since_decay += 1
+            if self.lr_patience and self.since_decay >= self.lr_patience:
+                self.lr_scale *= self.lr_decay
+                self.since_decay = 0
+        self.history.append({"step": step, "epoch": round(epoch, 4), "lr_scale": self.lr_scale,
+                             **{k: round(float(v), 6) for k, v in scores.items()
+                                if k in ("top1", "nll", "nll_ts", "ece", "ece_ts", "T")}})
+        return improved
+
+    @property
+    def should_stop(self) -> bool:
+        return bool(self.patience) and self.since_best >= self.patience
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> Selection:
+        return cls(**state)

@@ -1,0 +1,94 @@
+"""Model selection on validation: the rule (patience, plateau decay), and training that keeps the best
+validation's weights, stops by patience and resumes to the same decisions."""
+
+import json
+
+import pytest
+import torch
+
+import didicm.training as training
+from didicm.checkpoint import load_checkpoint
+from didicm.config import config_from_dict
+from didicm.errors import ConfigError
+from didicm.selection import Selection, selection_scores
+
+SELECTED = {
+    "data": {"dataset": "digits", "val_size": 0.1, "data_ratio": 0.2},
+    "model": {"name": "test_resnet"},
+    "optim": {"opt": "adamw", "lr": 2e-2, "weight_decay": 0.0, "batch_size": 32, "epochs": 6, "warmup_steps": 2,
+              "sched": "plateau", "patience": 2, "lr_patience": 1},
+    "eval": {"select": "nll_ts"},
+    "checkpoint_every": 1000,
+}
+
+
+def _config(tmp_path, name, **optim):
+    values = json.loads(json.dumps(SELECTED))
+    values["optim"].update(optim)
+    values["output"] = str(tmp_path / name)
+    return config_from_dict(values)
+
+
+def test_patience_and_plateau_decay_count_validations_since_the_best():
+    rule = Selection("nll", patience=3, lr_patience=2, lr_decay=0.5)
+    values = [1.0, 0.8, 0.9, 0.85, 0.7, 0.75, 0.72, 0.71]
+    improved = [rule.update(step, step / 10, {"nll": v}) for step, v in enumerate(values)]
+    assert improved == [True, True, False, False, True, False, False, False]
+    assert rule.best_step == 4 and rule.best_value == 0.7
+    # two misses after 0.8 halve the rate once; two more after 0.7 halve it again
+    assert rule.lr_scale == 0.25
+    assert rule.should_stop
+    again = Selection.from_state(json.loads(json.dumps(rule.state_dict())))
+    assert again == rule
+
+
+def test_top1_selection_prefers_higher_values():
+    rule = Selection("top1")
+    assert rule.update(1, 0.1, {"top1": 50.0}) and rule.update(2, 0.2, {"top1": 60.0})
+    assert not rule.update(3, 0.3, {"top1": 55.0}) and rule.best_step == 2 and not rule.should_stop
+
+
+def test_selection_scores_include_the_temperature_scaled_nll():
+    torch.manual_seed(0)
+    logits = torch.randn(500, 5) * 4
+    labels = torch.distributions.Categorical(logits=logits / 4).sample()  # overconfident by 4x
+    scores = selection_scores(logits.softmax(1), labels)
+    assert 3.0 < scores["T"] < 5.5
+    assert scores["nll_ts"] < scores["nll"] and scores["ece_ts"] < scores["ece"]
+
+
+@pytest.mark.parametrize("optim, message", [({"patience": 2}, "eval.select"), ({"sched": "plateau"}, "eval.select")])
+def test_validation_rules_need_a_selection_metric(tmp_path, optim, message):
+    values = json.loads(json.dumps(SELECTED))
+    values["eval"] = {}
+    values["optim"] = {"patience": 0, **optim}
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(values)
+
+
+def test_training_keeps_the_best_validation_and_resumes_to_the_same_decisions(tmp_path):
+    straight = training.train(_config(tmp_path, "straight"), progress=False, log=lambda *_: None)
+    chosen = straight.metrics["selection"]
+    history = chosen["history"]
+    per_epoch = straight.metrics["steps_per_epoch"]
+    # validated once an epoch; the kept model is the best validation's
+    assert [h["step"] for h in history] == [per_epoch * (i + 1) for i in range(len(history))]
+    best = min(history, key=lambda h: h["nll_ts"])
+    assert chosen["best_step"] == best["step"]
+    assert chosen["converged"] == (best["step"] < straight.steps_done)
+    assert chosen["stopped_early"] == (straight.steps_done < 6 * per_epoch)
+    kept = load_checkpoint(tmp_path / "straight" / "model.safetensors").section("model")
+    best_file = load_checkpoint(tmp_path / "straight" / "best.safetensors")
+    assert best_file.meta["step"] == best["step"]
+    for key, value in best_file.section("model").items():
+        assert torch.equal(kept[key], value), key
+
+    cfg = _config(tmp_path, "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, progress=False, log=lambda *_: None, fault_after_steps=per_epoch + 3)
+    resumed = training.train(cfg, resume=True, progress=False, log=lambda *_: None)
+    assert resumed.metrics["selection"]["history"] == history
+    assert resumed.steps_done == straight.steps_done
+    again = load_checkpoint(tmp_path / "interrupted" / "model.safetensors").section("model")
+    for key in kept:
+        assert torch.equal(kept[key], again[key]), key
