@@ -32,12 +32,19 @@ class DataConfig:
     split_seed: int = 0  # fixes the validation split and the data-ratio subset for every method
     num_workers: int = 0
     on_bad_image: str = "fail"
+    eval_split: str = "val"  # what training validates on: 'val' (carved from train) or 'test' (the held-out folder)
+    ratio_rule: str = "didicm"  # data_ratio subset: 'didicm' or 'official' (torch seed 42, floor(n_c * r) per class)
+    transform: dict = field(default_factory=dict)  # folders: timm create_transform options, e.g. {auto_augment: ...}
+    aug_repeats: int = 0  # repeated augmentation (timm RepeatAugSampler semantics); 0: off
+    reprob: float = 0.0  # timm random erasing probability (on the device, after normalization)
+    remode: str = "pixel"  # timm random erasing mode
 
 
 @dataclass
 class ModelConfig:
     name: str = "didirn18"  # didirn*, didirn*_twin, didicm:<timm name>, or any timm classifier
     kwargs: dict = field(default_factory=dict)  # e.g. {stem: small, parametrization: mean}
+    init: str = "default"  # 'torch': PyTorch's default init for every layer (the official DiDiRN's)
 
 
 @dataclass
@@ -57,18 +64,31 @@ class OptimConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     momentum: float = 0.9
-    batch_size: int = 128
-    steps: int = 1000  # optimizer steps: the budget is in steps, not epochs
+    batch_size: int = 128  # global (all processes together)
+    batch_size_per_gpu: int | None = None  # the official -b: when set, batch_size = this x processes
+    steps: int = 1000  # optimizer steps (the budget, unless optim.epochs is set)
     warmup_steps: int = 50
-    sched: str = "cosine"  # any timm scheduler name
+    epochs: float | None = None  # budget in epochs (passes over the training split); overrides optim.steps
+    warmup_epochs: float | None = None  # overrides optim.warmup_steps
+    sched: str = "cosine"  # any timm scheduler name, or 'plateau': constant after warm-up, decayed on plateaus
+    patience: int = 0  # early stopping: validations without improvement of eval.select before stopping; 0: off
+    lr_patience: int = 0  # 'plateau': validations without improvement before lr *= lr_decay
+    lr_decay: float = 0.2
     min_lr: float = 1e-6
+    warmup_lr: float | None = None  # lr at the start of warm-up; None: lr * 1e-2
+    sched_on_updates: bool = True  # the lr changes every step; false: once per epoch (timm's default)
+    lr_ratio_scale: str = "none"  # 'sqrt': lr x sqrt(1 / data.data_ratio) (the official Weak Aug rule)
     clip_grad: float | None = None  # clipping at 1.0 starves DiDiCM: its loss weight reaches 1/eps
     ema_decay: float | None = None  # e.g. 0.999; evaluation then uses the EMA weights
-    label_smoothing: float = 0.0  # cross-entropy models only
+    label_smoothing: float = 0.0  # cross-entropy models; with mixup/cutmix, also the mixed targets' smoothing
     noisy_labels: bool = False  # cross-entropy models: smooth each label by 1 - e^{-sigma(t)}, t ~ U (control arm)
     mixup: float = 0.0
     cutmix: float = 0.0
-    amp: bool = True  # bf16 autocast, on GPUs only
+    mixup_prob: float = 1.0  # timm Mixup: probability of mixing a batch
+    mixup_switch_prob: float = 0.5  # ... of cutmix instead of mixup when both are on
+    mixup_mode: str = "batch"  # batch | pair | elem
+    amp: bool = True  # autocast, on GPUs only (training and evaluation)
+    amp_dtype: str = "bfloat16"  # or 'float16' (the official --amp), with timm's NativeScaler
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
 
 
@@ -81,6 +101,7 @@ class EvalConfig:
     grid: str = "consistent"
     chains: int = 10
     batch_size: int = 256
+    select: str | None = None  # nll_ts | nll | top1: keep the weights of the best validation (None: the last)
 
 
 @dataclass
@@ -94,8 +115,10 @@ class TrainConfig:
     output: str = "runs/default"
     checkpoint_every: int = 200  # steps
     keep_checkpoints: int = 2
-    eval_every: int = 0  # steps; 0: only at the end
+    eval_every: int = 0  # validate every this many steps (0: see eval_every_epochs)
+    eval_every_epochs: float = 0.0  # ...or every this many epochs; with both, the longer interval
     device: str = "auto"
+    dist_timeout: float = 30.0  # minutes a process waits at a collective (e.g. while others evaluate)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +146,37 @@ class TrainConfig:
             raise ConfigError(f"eval.sampler must be 'cp', 'cl' or 'mean', got {e.sampler!r}")
         if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must lie in (0, 1), got {o.ema_decay!r}")
+        if o.epochs is not None and not o.epochs > 0:
+            raise ConfigError(f"optim.epochs must be a positive number, got {o.epochs!r}")
+        if (o.patience or o.lr_patience or o.sched == "plateau") and e.select is None:
+            raise ConfigError("optim.patience, optim.lr_patience and the 'plateau' schedule act on validation: set "
+                              "eval.select (nll_ts, nll or top1)")
+        if o.sched == "plateau" and not o.lr_patience:
+            raise ConfigError("the 'plateau' schedule needs optim.lr_patience >= 1")
+        if not 0 < o.lr_decay < 1:
+            raise ConfigError(f"optim.lr_decay must lie in (0, 1), got {o.lr_decay!r}")
+        if d.eval_split not in ("val", "test"):
+            raise ConfigError(f"data.eval_split must be 'val' or 'test', got {d.eval_split!r}")
+        if d.ratio_rule not in ("didicm", "official"):
+            raise ConfigError(f"data.ratio_rule must be 'didicm' or 'official', got {d.ratio_rule!r}")
+        if isinstance(d.aug_repeats, bool) or not isinstance(d.aug_repeats, int) or d.aug_repeats < 0:
+            raise ConfigError(f"data.aug_repeats must be a non-negative integer, got {d.aug_repeats!r}")
+        if not 0.0 <= d.reprob <= 1.0:
+            raise ConfigError(f"data.reprob must lie in [0, 1], got {d.reprob!r}")
+        if self.model.init not in ("default", "torch"):
+            raise ConfigError(f"model.init must be 'default' or 'torch', got {self.model.init!r}")
+        if o.batch_size_per_gpu is not None and (isinstance(o.batch_size_per_gpu, bool)
+                                                 or not isinstance(o.batch_size_per_gpu, int)
+                                                 or o.batch_size_per_gpu <= 0):
+            raise ConfigError(f"optim.batch_size_per_gpu must be a positive integer, got {o.batch_size_per_gpu!r}")
+        if o.amp_dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"optim.amp_dtype must be 'bfloat16' or 'float16', got {o.amp_dtype!r}")
+        if o.lr_ratio_scale not in ("none", "sqrt"):
+            raise ConfigError(f"optim.lr_ratio_scale must be 'none' or 'sqrt', got {o.lr_ratio_scale!r}")
+        if o.mixup_mode not in ("batch", "pair", "elem"):
+            raise ConfigError(f"optim.mixup_mode must be 'batch', 'pair' or 'elem', got {o.mixup_mode!r}")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"dist_timeout must be a positive number of minutes, got {self.dist_timeout!r}")
         if o.max_bad_steps < 1:
             raise ConfigError(f"optim.max_bad_steps must be >= 1, got {o.max_bad_steps!r}")
         return self

@@ -23,7 +23,7 @@ from .errors import ConfigError
 from .metrics import MetricAccumulator
 from .models.unet import is_generative_model
 
-__all__ = ["SamplerSpec", "parse_sampler", "predict", "evaluate"]
+__all__ = ["SamplerSpec", "parse_sampler", "predict", "evaluate", "collect_probs"]
 
 
 @dataclass(frozen=True)
@@ -212,3 +212,26 @@ def evaluate(model, batches, specs: list[SamplerSpec], diffusion: UniformDiffusi
             metrics["step_top1"] = (100.0 * step_correct[spec.name].double() / count).tolist()
         results[spec.name] = metrics
     return results
+
+
+@torch.no_grad()
+def collect_probs(model, batches, spec: SamplerSpec, diffusion: UniformDiffusion | None = None, seed: int = 0,
+                  augment=None, return_trajectory: bool = False):
+    """(probs [N, K] float32 CPU, labels [N] int64 CPU[, trajectories [N, S+1, K] float32 CPU]) of one sampler
+    over all batches, with one generator seeded by ``seed`` (the same draws as ``evaluate`` with this spec)."""
+    model.eval()
+    chunks, labels, trajectories, generator = [], [], [], None
+    for images, targets in batches:
+        if generator is None:
+            generator = torch.Generator(device=images.device).manual_seed(seed)
+        out = predict(model, images, spec, diffusion, generator, return_trajectory=return_trajectory,
+                      augment=augment)
+        probs, trajectory = out if return_trajectory else (out, None)
+        chunks.append(probs.float().cpu())
+        labels.append(targets.cpu())
+        if trajectory is not None:
+            trajectories.append(trajectory.float().cpu())
+    if not chunks:
+        raise ConfigError("collect_probs got no batches: the split is empty")
+    result = (torch.cat(chunks), torch.cat(labels))
+    return (*result, torch.cat(trajectories)) if return_trajectory else result
