@@ -286,6 +286,9 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
         val_size = DEFAULT_VAL_SIZE.get(source.kind, DEFAULT_VAL_FRACTION)
     hflip = _HFLIP[source.kind]
     if source.kind == "folder":
+        if pipeline.output_size(1 << 20) != 1 << 20:
+            raise ConfigError(f"degradation 'resize' is for in-memory data sets; for {source.label} set data.image_size "
+                              "(--image-size) to the resolution the network should see")
         image_size = image_size or native_folder_size(source.root / "train", folder_classes(source.root / "train"))
         return _create_folder(source, split, image_size, pipeline, augment, data_ratio,
                               val_size, int(seed), on_bad_image, ratio_rule, transform)
@@ -299,8 +302,10 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
         pool, stream = raw["train"], 0
         rows = _split_rows(split, pool.labels, val_size, data_ratio, int(seed), source.label, ratio_rule)
     images = pool.images[rows]
+    load_size = image_size or images.shape[-1]
     return InMemoryDataset(source.label, split, images, pool.labels[rows], rows, stream, classes,
-                           image_size or images.shape[-1], mean, std, pipeline, augment and split == "train", hflip)
+                           pipeline.output_size(load_size), mean, std, pipeline, augment and split == "train", hflip,
+                           load_size=load_size)
 
 
 def _create_folder(source: DataSource, split: str, image_size: int, pipeline, augment: bool, data_ratio: float,

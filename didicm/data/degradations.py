@@ -5,6 +5,9 @@ A spec is a comma-separated list ``name=value`` applied left to right, e.g. ``"r
 - ``resolution=r``: area-downsample to r x r (mean over each pixel's footprint), then bilinear resize back
   to the input size, so every resolution feeds the same network (the study's protocol). r >= the image
   size is a no-op.
+- ``resize=r``: area-downsample to r x r and keep it there: the network sees r x r images (the paper's
+  protocol, the official ``--input-size r``; cheaper than ``resolution`` at low r). r >= the image size is a
+  no-op. A data set built with it reports ``image_size`` r.
 - ``noise=s``: add Gaussian noise of std s in [0, 1] pixel units, then clip to [0, 1] (a sensor saturates).
 - ``blur=s``: Gaussian blur with sigma s pixels (kernel covering +-3 sigma, capped by the image size).
 - ``jpeg=q``: JPEG encode/decode (Pillow) at quality q in 1..100 (8-bit quantization included).
@@ -30,7 +33,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..errors import ConfigError, InputError
 
 __all__ = [
-    "Degradation", "Resolution", "GaussianNoise", "GaussianBlur", "Jpeg", "DegradationPipeline",
+    "Degradation", "Resolution", "Resize", "GaussianNoise", "GaussianBlur", "Jpeg", "DegradationPipeline",
     "parse_degradation", "DEGRADATIONS",
 ]
 
@@ -65,6 +68,10 @@ class Degradation:
     def _apply(self, images: torch.Tensor, seeds: list[int] | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def output_size(self, size: int) -> int:
+        """The side of the output for a square input of side ``size`` (most degradations keep it)."""
+        return size
+
 
 class Resolution(Degradation):
     """Area-downsample to ``size`` x ``size``, then bilinear resize back to the input's H x W."""
@@ -83,6 +90,21 @@ class Resolution(Degradation):
         small = F.interpolate(images, size=(min(self.value, height), min(self.value, width)), mode="area")
         # Upsampling: antialias is irrelevant; bilinear with half-pixel centres like PIL/torchvision Resize.
         return TF.resize(small, [height, width], interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+
+class Resize(Resolution):
+    """Area-downsample to ``size`` x ``size`` (mean over each output pixel's footprint) and stop there."""
+
+    name = "resize"
+
+    def output_size(self, size: int) -> int:
+        return min(self.value, size)
+
+    def _apply(self, images: torch.Tensor, seeds: list[int] | None) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        if self.value >= height and self.value >= width:
+            return images
+        return F.interpolate(images, size=(min(self.value, height), min(self.value, width)), mode="area")
 
 
 class GaussianNoise(Degradation):
@@ -161,7 +183,7 @@ class Jpeg(Degradation):
 
 
 DEGRADATIONS: dict[str, type[Degradation]] = {
-    cls.name: cls for cls in (Resolution, GaussianNoise, GaussianBlur, Jpeg)
+    cls.name: cls for cls in (Resolution, Resize, GaussianNoise, GaussianBlur, Jpeg)
 }
 
 
@@ -183,6 +205,12 @@ class DegradationPipeline:
     def __len__(self) -> int:
         return len(self.steps)
 
+    def output_size(self, size: int) -> int:
+        """The side of the degraded images for square inputs of side ``size``."""
+        for step in self.steps:
+            size = step.output_size(size)
+        return size
+
     @property
     def is_random(self) -> bool:
         return any(step.is_random for step in self.steps)
@@ -197,7 +225,7 @@ class DegradationPipeline:
                 degradations; None draws from torch's global RNG (not reproducible).
             stream: separates seed streams of different files (e.g. 0 for train images, 1 for test images).
         Returns:
-            The degraded images, same shape and dtype, in [0, 1].
+            The degraded images, same dtype, in [0, 1]; same shape unless a ``resize`` shrinks H and W.
         Raises:
             InputError: not a float tensor of 3 or 4 dims, empty, non-finite, outside [0, 1], or index count
                 not matching the batch.

@@ -21,8 +21,9 @@ _CHUNK = 2048  # images per chunk in tensors(): bounds the float32 working memor
 class InMemoryDataset(ClassificationDataset):
     """Images stored as uint8 [N, C, H, W]; transforms run on demand.
 
-    The deterministic transform is: pixels / 255 -> resize to ``image_size`` (bilinear, antialiased, only if
-    the stored size differs) -> degradation (seeded by ``source_index`` and ``stream``) -> normalize.
+    The deterministic transform is: pixels / 255 -> resize to ``load_size`` (bilinear, antialiased, only if
+    the stored size differs; default ``image_size``) -> degradation (whose ``resize=r`` may shrink the images
+    to ``image_size``) (seeded by ``source_index`` and ``stream``) -> normalize.
     ``__getitem__`` inserts the random augmentation before normalizing when ``augment`` is set.
 
     Args:
@@ -36,20 +37,21 @@ class InMemoryDataset(ClassificationDataset):
 
     def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray, source_index: np.ndarray,
                  stream: int, classes: Sequence[str], image_size: int, mean: Sequence[float], std: Sequence[float],
-                 degradation: DegradationPipeline, augment: bool, hflip: bool):
+                 degradation: DegradationPipeline, augment: bool, hflip: bool, load_size: int | None = None):
         super().__init__(name, split, classes, images.shape[1], image_size, torch.from_numpy(labels.astype(np.int64)),
                          mean, std, degradation, augment, hflip)
         self.images = images
         self.source_index = np.asarray(source_index, dtype=np.int64)
         self.stream = int(stream)
+        self.load_size = int(load_size or image_size)
         self._augment_fn = pixel_augment(self.image_size, self.hflip) if augment else None
         self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _pixels(self, rows: slice | np.ndarray) -> torch.Tensor:
         """[B, C, H, W] float in [0, 1], resized and degraded (not normalized)."""
         batch = torch.from_numpy(np.ascontiguousarray(self.images[rows])).float().div_(255.0)
-        if batch.shape[-1] != self.image_size or batch.shape[-2] != self.image_size:
-            batch = TF.resize(batch, [self.image_size, self.image_size], interpolation=InterpolationMode.BILINEAR,
+        if batch.shape[-1] != self.load_size or batch.shape[-2] != self.load_size:
+            batch = TF.resize(batch, [self.load_size, self.load_size], interpolation=InterpolationMode.BILINEAR,
                               antialias=True).clamp_(0.0, 1.0)
         if len(self.degradation):
             batch = self.degradation(batch, index=self.source_index[rows].tolist(), stream=self.stream)
