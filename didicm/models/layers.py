@@ -118,6 +118,8 @@ def check_condition(c: torch.Tensor, sigma: torch.Tensor | float, batch: int,
     Returns:
         c [B] long and sigma [B] float, on c's device.
     """
+    if isinstance(c, torch.fx.Proxy):  # FX symbolic tracing: no values to check; pass [B] tensors when tracing
+        return c.long(), sigma
     if not isinstance(c, torch.Tensor) or c.shape != (batch,) or torch.is_floating_point(c):
         shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
         raise InputError(f"c must be a [B] integer tensor of labels with B = {batch}, got {shape}")
