@@ -167,8 +167,6 @@ def _load_official(path: Path, device, ema: bool):
         model = model_zoo.create(name, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
     except (ConfigError, TypeError) as error:
         raise CheckpointError(f"cannot build model {name!r} of {str(path)!r}: {error}") from None
-    from .training import _load_state
-
     _load_state(model, state, path)
     model.to(device).eval()
     meta = _official_meta(path, name, num_classes, in_chans, model_kwargs, args, extras, ema)
@@ -180,6 +178,15 @@ def _load_official(path: Path, device, ema: bool):
     else:
         meta["method"] = "classifier"
     return model, diffusion, meta
+
+
+def _load_state(model, state: dict, path: Path) -> None:
+    """Strict load with didicm's message naming missing/unexpected/mis-shaped tensors."""
+    try:
+        from .runtime import load_state
+    except ImportError:  # before the loaders moved to didicm.runtime
+        from .training import _load_state as load_state
+    load_state(model, state, path)
 
 
 def _didirn_name(state: dict, name: str | None, path: Path) -> str:
