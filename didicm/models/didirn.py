@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import ConfigError, InputError
 from .layers import (
     ChannelConditioning,
+    ConditionedMLPHead,
     DiffusionClassifier,
     SigmaLabelEmbedding,
     check_condition,
@@ -138,11 +139,13 @@ class _DiDiRNTrunk(nn.Module):
         zero_init_head: start the linear head at zero (see ``DiDiRN``).
         embed_dim: width of the injected embedding; None for the twin.
         conditioning: 'add' or 'film'.
+        conditioned_stages: how many of the final stages get the embedding (4: all of them).
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  in_chans: int = 3, stem: str = "imagenet", drop_rate: float = 0.0, zero_init_head: bool = True,
-                 embed_dim: int | None = None, conditioning: str = "add", width: int = STAGE_WIDTHS[0]):
+                 embed_dim: int | None = None, conditioning: str = "add", width: int = STAGE_WIDTHS[0],
+                 conditioned_stages: int = len(STAGE_WIDTHS)):
         super().__init__()
         if int(width) != width or width < 1:
             raise ConfigError(f"width must be a positive integer (64 is the official ResNet), got {width!r}")
@@ -165,11 +168,13 @@ class _DiDiRNTrunk(nn.Module):
         if len(layers) != len(STAGE_WIDTHS):
             raise ConfigError(f"layers must give the number of blocks of each of the 4 stages, got {layers!r}")
         stages, in_channels = [], widths[0]
+        first_conditioned = len(STAGE_WIDTHS) - conditioned_stages
         for index, (stage_width, depth) in enumerate(zip(widths, layers, strict=True)):
             blocks = []
+            stage_embed_dim = embed_dim if index >= first_conditioned else None
             for block_index in range(depth):
                 stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(block(in_channels, stage_width, stride, embed_dim, conditioning))
+                blocks.append(block(in_channels, stage_width, stride, stage_embed_dim, conditioning))
                 in_channels = stage_width * block.expansion
             stages.append(nn.ModuleList(blocks))
         self.stages = nn.ModuleList(stages)
@@ -187,11 +192,19 @@ class _DiDiRNTrunk(nn.Module):
 
     def run_trunk(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, in_chans, H, W] float -> feature map [B, num_features, H', W'] float."""
+        return self.forward_stages(self.forward_stem(x), emb)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, in_chans, H, W] float -> [B, width, H', W'] float, the input of the first stage."""
         if x.ndim != 4 or x.shape[1] != self.in_chans:
             raise InputError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}; "
                              f"set in_chans to the number of image channels")
-        out = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        for stage in self.stages:
+        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+
+    def forward_stages(self, out: torch.Tensor, emb: torch.Tensor | None = None, start: int = 0,
+                       stop: int | None = None) -> torch.Tensor:
+        """Run stages [start, stop) on a feature map; blocks without conditioning ignore ``emb``."""
+        for stage in self.stages[start:stop]:
             for block in stage:
                 out = block(out, emb)
         return out
@@ -234,22 +247,54 @@ class DiDiRN(DiffusionClassifier, _DiDiRNTrunk):
         zero_init_head: see above.
         width: channels of the stem and first stage (doubling per stage); 64 is the official network, smaller
             values give the narrow variants that CPU-sized studies need.
+        conditioned_stages: how many of the final stages receive the embedding: 4 (every block, the official
+            network), 3, 2, 1, or 0 (no block: a ``ConditionedMLPHead`` on the pooled features replaces fc).
+            Everything before the first conditioned block runs once per image in ``encode``, so an S-step CP
+            prediction costs one pass of that part plus S passes of the rest.
+        head_width, head_depth: hidden width and residual blocks of that head (conditioned_stages=0 only;
+            default 256 and 2, as ``BackboneDiDiCM``).
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  in_chans: int = 3, stem: str = "imagenet", parametrization: str = "score",
                  conditioning: str = "add", condition_inputs: bool = True, embed_dim: int = 128,
                  drop_rate: float = 0.0, clean_sigma: float = 1.0, zero_init_head: bool = True,
-                 width: int = STAGE_WIDTHS[0]):
+                 width: int = STAGE_WIDTHS[0], conditioned_stages: int = len(STAGE_WIDTHS),
+                 head_width: int | None = None, head_depth: int | None = None):
         check_options(parametrization, conditioning, condition_inputs)
+        num_stages = len(STAGE_WIDTHS)
+        if isinstance(conditioned_stages, bool) or conditioned_stages not in range(num_stages + 1):
+            raise ConfigError(f"conditioned_stages must be an integer from 0 to {num_stages} (the final stages that "
+                              f"receive the embedding; {num_stages} is the official network), got "
+                              f"{conditioned_stages!r}")
+        if not condition_inputs and conditioned_stages != num_stages:
+            raise ConfigError("condition_inputs=False conditions no stage; leave conditioned_stages at its default")
+        if conditioned_stages and (head_width is not None or head_depth is not None):
+            raise ConfigError("head_width and head_depth shape the conditioned head of conditioned_stages=0 only")
         super().__init__(block, layers, num_classes=num_classes, in_chans=in_chans, stem=stem, drop_rate=drop_rate,
                          zero_init_head=zero_init_head, embed_dim=embed_dim if condition_inputs else None,
-                         conditioning=conditioning, width=width)
+                         conditioning=conditioning, width=width, conditioned_stages=int(conditioned_stages))
         self.parametrization = parametrization
         self.conditioning = conditioning
         self.condition_inputs = condition_inputs
         self.clean_sigma = float(clean_sigma)
-        self.embed = SigmaLabelEmbedding(self.num_classes, embed_dim) if condition_inputs else None
+        self.conditioned_stages = int(conditioned_stages)
+        self.first_conditioned_stage = num_stages - self.conditioned_stages
+        # Created after the trunk so that conditioned_stages=4 draws the same initial weights as before it existed.
+        if condition_inputs and self.conditioned_stages == 0:
+            self.embed = None  # the head has its own
+            self.fc = nn.Identity()  # the head's output layer replaces it; no unused parameters
+            self.head = ConditionedMLPHead(self.num_features, self.num_classes,
+                                           width=256 if head_width is None else head_width,
+                                           depth=2 if head_depth is None else head_depth, embed_dim=embed_dim,
+                                           conditioning=conditioning, drop_rate=drop_rate)
+        else:
+            self.embed = SigmaLabelEmbedding(self.num_classes, embed_dim) if condition_inputs else None
+            self.head = None
+        # What ``encode`` returns: the input of the first conditioned stage, or the pooled features for a head.
+        first = self.first_conditioned_stage
+        self.encoded_channels = self.num_features if self.head is not None or first == num_stages else \
+            int(width) * (2 ** (first - 1) * block.expansion if first else 1)
 
     @property
     def _encodes_logits(self) -> bool:
@@ -257,21 +302,37 @@ class DiDiRN(DiffusionClassifier, _DiDiRNTrunk):
         return self.parametrization == "mean" and not self.condition_inputs
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """The image itself [B, C, H, W] (the whole network depends on c and sigma), or, for a 'mean' network
-        without the (c, sigma) inputs, its clean logits [B, K]."""
-        return self.clean_logits(x) if self._encodes_logits else x
+        """The part of the network that does not see (c, sigma), run once per image.
+
+        x: [B, in_chans, H, W] float -> the stem and unconditioned stages' feature map [B, encoded_channels,
+        H', W'] (the stem only for conditioned_stages=4), the pooled features [B, num_features] for
+        conditioned_stages=0, or, for a 'mean' network without the (c, sigma) inputs, its clean logits [B, K].
+        """
+        if self._encodes_logits:
+            return self.clean_logits(x)
+        out = self.forward_stages(self.forward_stem(x), None, 0, self.first_conditioned_stage)
+        return out.mean(dim=(2, 3)) if self.head is not None else out
 
     def score(self, z: torch.Tensor, c: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """z: the output of ``encode``; c: [B] long; sigma: [B] float or scalar -> log_score [B, K] float,
-        exactly 0 at c."""
+        exactly 0 at c. Costs one pass of the conditioned stages (or head)."""
         c, sigma = check_condition(c, sigma, z.shape[0], self.num_classes)
-        if self._encodes_logits:
-            return mean_log_score(z, c, sigma)
-        emb = self.embed(c, sigma)
-        out = self.forward_head(self.run_trunk(z, emb))
+        out = z if self._encodes_logits else self._conditioned_outputs(z, c, sigma)
         if self.parametrization == "mean":
             return mean_log_score(out, c, sigma)
         return mask_reference(out, c)
+
+    def _conditioned_outputs(self, z: torch.Tensor, c: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Raw outputs [B, K] (log-ratios or clean logits) of the conditioned part on encoded ``z``."""
+        # Proxies (FX tracing) are not tensors and skip the check; concrete and fake tensors get it.
+        expected_ndim = 2 if self.head is not None else 4
+        if isinstance(z, torch.Tensor) and (z.ndim != expected_ndim or z.shape[1] != self.encoded_channels):
+            raise InputError(f"score expects the output of encode ({expected_ndim}-d with {self.encoded_channels} "
+                             f"channels), got shape {tuple(z.shape)}; call model.score(model.encode(x), c, sigma)")
+        if self.head is not None:
+            return self.head(z, c, sigma)
+        emb = self.embed(c, sigma)
+        return self.forward_head(self.forward_stages(z, emb, self.first_conditioned_stage))
 
     def clean_logits(self, x: torch.Tensor, c: torch.Tensor | None = None,
                      sigma: torch.Tensor | float | None = None) -> torch.Tensor:
@@ -289,7 +350,7 @@ class DiDiRN(DiffusionClassifier, _DiDiRNTrunk):
         batch = x.shape[0]
         c = torch.zeros(batch, dtype=torch.long, device=x.device) if c is None else c
         c, sigma = check_condition(c, self.clean_sigma if sigma is None else sigma, batch, self.num_classes)
-        return self.forward_head(self.run_trunk(x, self.embed(c, sigma)))
+        return self._conditioned_outputs(self.encode(x), c, sigma)
 
 
 class DiDiRNTwin(_DiDiRNTrunk):
