@@ -50,3 +50,22 @@ def test_help_answers_without_loading_torch():
     code = "import sys; from didicm.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_log_csv_stays_one_row_per_step_across_a_resume(tmp_path, capsys):
+    import csv
+
+    from didicm.config import config_from_dict
+    from didicm.training import train
+
+    values = {"data": {"dataset": "digits", "val_size": 40}, "output": str(tmp_path),
+              "model": {"name": "didirn18_twin", "kwargs": {"width": 4, "stem": "small"}},
+              "optim": {"steps": 20, "batch_size": 16, "warmup_steps": 2}, "checkpoint_every": 7}
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(values), progress=False, fault_after_steps=12)  # log row at 10, checkpoint at 7
+    train(config_from_dict(values), resume=True, progress=False)
+    with (tmp_path / "log.csv").open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == [10, 20]
+    first = capsys.readouterr().out.splitlines()[0]  # the start-up line: model, size, steps, device
+    assert "didirn18_twin (width 4, stem small)" in first and "input 1x8x8" in first and "20 steps of 16" in first
