@@ -3,6 +3,7 @@ and the cost of an S-step CP prediction as a multiple of one classifier forward 
 
     python benchmarks/bench_models.py            # full run (DiDiRN-18/50 at 224 px; about 25 min on 2 cores)
     python benchmarks/bench_models.py --quick    # DiDiRN-18/50 at 28 px only, fewer repeats
+    python benchmarks/bench_models.py --frontier # cost of each conditioned_stages option in twin passes (~10 min)
 
 Settings: torch.set_num_threads(2), inference under torch.no_grad, batch 64, one warm-up pass (on 8 images at
 224 px), median of 3 timed passes at 28 px and of 2 at 224 px.
@@ -11,6 +12,11 @@ and K = 1000. The CP cost times the real sampler: ``CPSampler.run(model.score, m
 DiDiRN pays S network passes and BackboneDiDiCM one backbone pass plus S head passes; it is divided by the
 single forward pass of the twin (DiDiRN) or of the same timm model as a plain classifier (wrapper), measured
 in the same run.
+
+``--frontier`` measures what an S-step prediction of each ``conditioned_stages`` option (4, 2, 1, 0), the 'mean'
+one-pass read-out and the twin cost per image, in passes of the twin, for a narrow DiDiRN-18 (width 16, the
+Fashion-MNIST study's network, 28 px, batch 128) and the full-width one (32 px, batch 64), and writes
+``results/bench_frontier.json`` for the study report. See ``bench_frontier``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,9 +36,11 @@ import timm
 import torch
 
 import didicm.models as models
+from didicm import evaluation
 from didicm.diffusion import CPSampler, LogLinearSchedule, UniformDiffusion
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "bench_models.json"
+FRONTIER_OUT = Path(__file__).parent / "results" / "bench_frontier.json"
 SETTINGS = {28: dict(stem="small", num_classes=10), 224: dict(stem="imagenet", num_classes=1000)}
 STEPS = (1, 4, 8)
 
@@ -129,6 +139,150 @@ def bench_cp(kind: str, size: int, batch: int, warmup: int, repeats: int) -> dic
     return row
 
 
+# ---- --frontier: each conditioned_stages option's S-step cost, in twin passes ---------------------------------
+FRONTIER_SETTINGS = {
+    # the Fashion-MNIST study's network (configs/study_fashion_mnist.yaml) and the official width
+    "narrow_28px": dict(kwargs=dict(width=16, stem="imagenet", in_chans=1), size=28, batch=128, repeats=11),
+    "full_32px": dict(kwargs=dict(width=64, stem="imagenet", in_chans=3), size=32, batch=64, repeats=7),
+}
+FRONTIER_STAGES = (4, 2, 1, 0)
+FRONTIER_STEPS = (1, 2, 4, 8)
+FRONTIER_CLASSES = 10
+
+
+def _flops(call) -> int:
+    """Multiply-accumulate FLOPs of one call (torch's counter: convolutions and matrix products)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        call()
+    return int(counter.get_total_flops())
+
+
+def bench_frontier(name: str, setting: dict, repeats: int, seed: int = 0) -> dict:
+    """Seconds per call of every option's S-step prediction and of the twin's forward pass, in one run.
+
+    Each repeat runs every call once in a freshly shuffled order, with the twin pass three times at random
+    places; a call's cost in that repeat is its time over the median of the repeat's twin passes, and the
+    reported ratio is the median over repeats. Shuffling and per-repeat ratios keep load from other jobs (which
+    comes and goes) from favouring the options that happen to run next to the twin. Predictions go through
+    ``evaluation.predict``, as ``didicm eval`` does: ``encode`` once, then S ``score`` calls and the sampler.
+    """
+    kwargs, size, batch = setting["kwargs"], setting["size"], setting["batch"]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, kwargs["in_chans"], size, size, generator=gen)
+    diffusion = UniformDiffusion(FRONTIER_CLASSES, LogLinearSchedule())
+    twin = timm.create_model("didirn18_twin", num_classes=FRONTIER_CLASSES, **kwargs).eval()
+    calls, meta = {}, {}
+    for stages in FRONTIER_STAGES:
+        option = f"conditioned_stages={stages}"
+        score_model = timm.create_model("didirn18", num_classes=FRONTIER_CLASSES, conditioned_stages=stages,
+                                        **kwargs).eval()
+        mean_model = timm.create_model("didirn18", num_classes=FRONTIER_CLASSES, conditioned_stages=stages,
+                                       parametrization="mean", **kwargs).eval()
+        for steps in FRONTIER_STEPS:
+            spec = evaluation.parse_sampler(f"cp:{steps}")
+            calls[(option, spec.name)] = lambda m=score_model, s=spec: evaluation.predict(m, x, s, diffusion)
+            meta[(option, spec.name)] = dict(conditioned_stages=stages, steps=steps, params=_params(score_model))
+        # The 'mean' parametrization reads the posterior out in one pass of the network, at any stage count.
+        spec = evaluation.parse_sampler("mean")
+        calls[(option, "mean")] = lambda m=mean_model, s=spec: evaluation.predict(m, x, s)
+        meta[(option, "mean")] = dict(conditioned_stages=stages, steps=1, params=_params(mean_model))
+    twin_call = lambda: torch.softmax(twin(x).float(), dim=1)  # noqa: E731  (what the 'classifier' sampler does)
+    calls[("twin", "classifier")] = twin_call
+    meta[("twin", "classifier")] = dict(conditioned_stages=None, steps=1, params=_params(twin))
+
+    twin_flops = _flops(twin_call)
+    samples = {key: [] for key in calls}
+    twin_samples, ratios = [], {key: [] for key in calls}
+    order = random.Random(seed)
+    with torch.no_grad():
+        for call in calls.values():  # warm-up: allocator, kernels, lazy init
+            call()
+        for _ in range(repeats):
+            keys = list(calls) + [("twin", "reference")] * 3
+            order.shuffle(keys)
+            seconds = {}
+            for key in keys:
+                start = time.perf_counter()
+                (twin_call if key == ("twin", "reference") else calls[key])()
+                seconds.setdefault(key, []).append(time.perf_counter() - start)
+            reference = statistics.median(seconds[("twin", "reference")])
+            twin_samples.append(seconds[("twin", "reference")])
+            for key in calls:
+                samples[key].append(seconds[key][0])
+                ratios[key].append(seconds[key][0] / reference)
+    rows = []
+    for key, call in calls.items():
+        option, sampler = key
+        rows.append(dict(setting=name, option=option, sampler=sampler, **meta[key],
+                         cost_vs_twin=statistics.median(ratios[key]),
+                         cost_vs_twin_iqr=_quartiles(ratios[key]),
+                         ms_per_image=1000 * statistics.median(samples[key]) / batch,
+                         flops_vs_twin=_flops(call) / twin_flops, ratio_samples=ratios[key], seconds=samples[key]))
+    twin_seconds = statistics.median(t for repeat in twin_samples for t in repeat)
+    return dict(setting=name, model="didirn18", num_classes=FRONTIER_CLASSES, size=size, batch=batch, **kwargs,
+                repeats=repeats, twin_ms_per_image=1000 * twin_seconds / batch, twin_gflops_per_image=twin_flops
+                / batch / 1e9, twin_reference_seconds=twin_samples, rows=rows)
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return [q[0], q[2]]
+
+
+def frontier_table(results: list[dict]) -> str:
+    """Markdown: one row per option, the S-step CP and 'mean' costs in twin passes, one column block per setting."""
+    header = ["option"] + [f"{r['setting']} {col}" for r in results for col in
+                           [f"cp:{s}" for s in FRONTIER_STEPS] + ["mean"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    options = [f"conditioned_stages={s}" for s in FRONTIER_STAGES] + ["twin"]
+    for option in options:
+        cells = [option]
+        for result in results:
+            by_sampler = {row["sampler"]: row["cost_vs_twin"] for row in result["rows"] if row["option"] == option}
+            for col in [f"cp:{s}" for s in FRONTIER_STEPS] + ["mean"]:
+                value = by_sampler.get(col, by_sampler.get("classifier") if col == "mean" else None)
+                cells.append("" if value is None else f"{value:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_frontier(args: argparse.Namespace) -> dict:
+    started = time.time()
+    settings = {name: FRONTIER_SETTINGS[name] for name in args.settings}
+    results = []
+    for name, setting in settings.items():
+        repeats = args.repeats or setting["repeats"]
+        print(f"{name}: didirn18 {setting['kwargs']} at {setting['size']} px, batch {setting['batch']}, "
+              f"{repeats} repeats", flush=True)
+        results.append(bench_frontier(name, setting, repeats))
+    table = frontier_table(results)
+    print(table, flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    result = dict(
+        command=" ".join(["python", "benchmarks/bench_models.py", *sys.argv[1:]]),
+        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
+                     torch_threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
+                     python=platform.python_version(), commit=commit),
+        note=("cost_vs_twin: seconds of one S-step prediction of a batch (evaluation.predict: encode once, S score "
+              "calls, the sampler) over one forward pass of the twin (didirn18_twin, same width, softmax), "
+              "median over repeats of per-repeat ratios; all ratios from this one run, calls shuffled within each "
+              "repeat. flops_vs_twin: the same ratio in convolution/matmul FLOPs (machine-independent). The twin "
+              "row is a second measurement of the reference (noise floor). A twin ensemble or TTA of S views costs "
+              "S twin passes by construction."),
+        settings=dict(steps=list(FRONTIER_STEPS), conditioned_stages=list(FRONTIER_STAGES),
+                      num_classes=FRONTIER_CLASSES, threads=torch.get_num_threads(),
+                      head_of_conditioned_stages_0="ConditionedMLPHead width 256, depth 2 (the defaults)"),
+        results=results, table=table, seconds=round(time.time() - started, 1),
+    )
+    args.frontier_out.parent.mkdir(parents=True, exist_ok=True)
+    args.frontier_out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.frontier_out} ({result['seconds']} s)", flush=True)
+    return result
+
+
 def parameter_table() -> list[dict]:
     """Parameter counts at K = 1000 (ImageNet), with timm's ResNets for comparison."""
     rows = []
@@ -153,10 +307,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--frontier", action="store_true",
+                        help="only the S-step cost of each conditioned_stages option in twin passes (--frontier-out)")
+    parser.add_argument("--frontier-out", type=Path, default=FRONTIER_OUT)
+    parser.add_argument("--settings", nargs="+", default=list(FRONTIER_SETTINGS), choices=list(FRONTIER_SETTINGS),
+                        help="--frontier: which network/resolution settings to time")
+    parser.add_argument("--repeats", type=int, default=None, help="--frontier: repeats per setting (default 11/7)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.frontier:
+        return run_frontier(args)
     small_names = ["didirn18", "didirn50"] if args.quick else list(models.DIDIRN_NAMES)
     large_names = [] if args.quick else [n for n in models.DIDIRN_NAMES if n in args.large]
     warmup_small, repeats_small = 1, 3

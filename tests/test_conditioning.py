@@ -276,3 +276,27 @@ def test_one_channel_groupnorm_groups_cancel_additive_conditioning():
         torch.testing.assert_close(model(x, c, sigma), before, rtol=1e-4, atol=1e-4)
         model.stages[2][0].cond.proj.bias.normal_(std=5.0)  # two channels per group: the bias matters
         assert not torch.allclose(model(x, c, sigma), before, rtol=1e-4, atol=1e-4)
+
+
+# ---- the cost benchmark ------------------------------------------------------------------------------------
+def test_frontier_benchmark_reports_every_option_with_flop_ratios():
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "benchmarks" / "bench_models.py"
+    spec = importlib.util.spec_from_file_location("bench_models", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    setting = dict(kwargs=dict(width=8, stem="small", in_chans=1), size=8, batch=2)
+    result = bench.bench_frontier("tiny", setting, repeats=2)
+    rows = {(row["option"], row["sampler"]): row for row in result["rows"]}
+    samplers = [f"cp:{s}" for s in bench.FRONTIER_STEPS] + ["mean"]
+    assert set(rows) == {(f"conditioned_stages={n}", s) for n in bench.FRONTIER_STAGES for s in samplers} | \
+        {("twin", "classifier")}
+    assert all(row["cost_vs_twin"] > 0 and len(row["seconds"]) == 2 for row in rows.values())
+    one_step = rows[("conditioned_stages=4", "cp:1")]["flops_vs_twin"]
+    for steps in bench.FRONTIER_STEPS:
+        # FLOPs are exact: the official network pays S passes but the stem (run once), later options less
+        flops = [rows[(f"conditioned_stages={n}", f"cp:{steps}")]["flops_vs_twin"] for n in (4, 2, 1)]
+        assert 0.9 * steps * one_step <= flops[0] <= steps * one_step + 1e-9
+        assert flops[0] >= flops[1] >= flops[2] >= 1.0
+    assert "conditioned_stages=0" in bench.frontier_table([result])
