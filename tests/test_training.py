@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import didicm.training as training
+from didicm.training import one_step
 from didicm.checkpoint import latest_checkpoint, load_checkpoint
 from didicm.config import config_from_dict
 from didicm.errors import ConfigError, DidicmError
@@ -79,7 +80,7 @@ def test_resume_with_ema_and_mixup_is_exact(tmp_path):
 
 
 def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
-    real = training.diffusion_loss
+    real = one_step.diffusion_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
@@ -87,7 +88,7 @@ def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] in (3, 4, 7) else loss
 
-    monkeypatch.setattr(training, "diffusion_loss", sometimes_nan)
+    monkeypatch.setattr(one_step, "diffusion_loss", sometimes_nan)
     result = training.train(_config(tmp_path), progress=False, log=lambda *_: None)
     assert result.bad_steps == 3
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values() if v.is_floating_point())
@@ -118,7 +119,8 @@ def test_a_network_that_outputs_nan_costs_a_skipped_step_not_the_run(tmp_path, m
 
 
 def test_training_stops_after_too_many_consecutive_bad_steps(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "diffusion_loss", lambda *a, **k: torch.full((32,), float("inf"), requires_grad=True))
+    monkeypatch.setattr(one_step, "diffusion_loss",
+                        lambda *a, **k: torch.full((32,), float("inf"), requires_grad=True))
     cfg = _config(tmp_path, optim={"max_bad_steps": 3})
     with pytest.raises(training.TrainingError, match="3 consecutive non-finite losses"):
         training.train(cfg, progress=False, log=lambda *_: None)
