@@ -49,10 +49,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "ema": ("didicm", ["optim.ema_decay=0.995"]),
     "mixup": ("didicm", ["optim.mixup=0.2", "optim.cutmix=1.0"]),
     "twin_mixup": ("twin", ["optim.mixup=0.2", "optim.cutmix=1.0"]),
-    "long": ("didicm", ["optim.steps=*2"]),
-    "twin_long": ("twin", ["optim.steps=*2"]),
-    "long4": ("didicm", ["optim.steps=*4"]),
-    "twin_long4": ("twin", ["optim.steps=*4"]),
+    "long": ("didicm", ["optim.patience=*2"]),
+    "twin_long": ("twin", ["optim.patience=*2"]),
+    "long4": ("didicm", ["optim.patience=*4"]),
+    "twin_long4": ("twin", ["optim.patience=*4"]),
     "aug": ("didicm", ["data.augment=true"]),
     "twin_aug": ("twin", ["data.augment=true"]),
     # the paper's baseline: a stock timm ResNet-18 (7x7 stride-2 stem + max-pool, stride 4) at the study's width
@@ -64,13 +64,13 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 def _variant_config(spec: dict, arm: str, overrides: list[str], resolution: int, ratio: float, seed: int,
                      out: Path) -> dict:
-    from didicm.study import _cell_config
+    from didicm.study import _arm_config
 
-    values = _cell_config(spec, arm, resolution, ratio, seed)
+    values = _arm_config(spec, arm, resolution, ratio, seed)
     resolved = []
     for item in overrides:
         key, value = item.split("=", 1)
-        if value.startswith("*"):  # multiply the base value (e.g. training length)
+        if value.startswith("*"):  # multiply the base value (e.g. the patience: how long past the best to go on)
             node = values
             for part in key.split(".")[:-1]:
                 node = node[part]
@@ -115,11 +115,12 @@ def main() -> int:
             if result.diffusion is None:  # the TTA views are the compute-matched control for cp:S
                 specs = [parse_sampler("classifier")] + [parse_sampler(f"tta:{s}") for s in (2, 4, 8)]
             else:
-                specs = [parse_sampler(s) for s in (*spec["samplers"], *LABEL_MODES) if not s.startswith("cl")]
+                samplers = spec["arms"][arm]["predict"].values()
+                specs = [parse_sampler(s) for s in (*samplers, *LABEL_MODES) if not s.startswith(("cl", "mean"))]
                 if config.model.kwargs.get("parametrization") == "mean":
                     specs.append(parse_sampler("mean"))
             device = next(result.model.parameters()).device
-            scores = evaluate(result.model, eval_batches(val_set, 512, device, limit=spec.get("val_limit")), specs,
+            scores = evaluate(result.model, eval_batches(val_set, 512, device), specs,
                               result.diffusion, seed=seed, num_classes=val_set.num_classes,
                               augment=val_set.batch_augment())
             # the best sampler is chosen among the study's own samplers only (label modes are reported, not picked)
@@ -128,7 +129,7 @@ def main() -> int:
             results[key] = {"variant": name, "arm": arm, "overrides": overrides, "seed": seed, "best": best,
                             "val": {s: {k: m[k] for k in ("top1", "nll", "ece", "brier")} for s, m in scores.items()},
                             "train_seconds": result.metrics["train_seconds"],
-                            "seconds": round(time.perf_counter() - started, 1), "steps": config.optim.steps,
+                            "seconds": round(time.perf_counter() - started, 1), "steps": result.steps_done,
                             "device": device_name(result.model)}
             write_json(out, results)
             m = scores[best]

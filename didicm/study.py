@@ -1,15 +1,23 @@
-"""The uncertainty study: DiDiCM against its cross-entropy twin over a grid of resolutions and data ratios.
+"""The uncertainty study: DiDiCM against the classifiers a user would pick instead, over a grid of input
+resolutions and training-data ratios (protocol: ../docs/study.md, issue 12).
 
-``didicm study CONFIG`` trains both arms in every (resolution, data ratio, seed) cell with one recipe, picks
-DiDiCM's sampler on the validation split, evaluates everything on the test split once, and writes one JSON file
-per cell as soon as the cell is done (a re-run skips finished cells whose recipe is unchanged). It then
-aggregates the cells into ``study.json``, the figures and ``report.md``.
+``didicm study CONFIG`` trains every arm of every (resolution, data ratio, seed) cell by one rule (an epoch
+budget, validation after every interval, the best validation's weights kept, early stopping by patience),
+saves every arm's class probabilities on the validation split, the test split and two shifted sets
+(``predictions/<cell>.npz``, float16), and computes every metric from those saved arrays: top-1, NLL, ECE,
+Brier before and after a temperature fitted on validation, selective prediction (AURC, accuracy at 90%
+coverage), out-of-distribution AUROC, and, for DiDiCM, uncertainty scores read off the CP trajectory.
+
+Work is cached per arm: a cell's JSON is rewritten after every arm, an arm whose recipe is unchanged is read
+back, and an arm's training resumes from its last checkpoint, so a stopped run continues where it stopped.
+``aggregate`` then writes study.json, the figures and report.md, whose prose is generated from the numbers.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -17,73 +25,134 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
 from .config import config_from_dict, merge_dicts
 from .data import create_dataset
+from .data.memory import InMemoryDataset
+from .data.degradations import parse_degradation
 from .errors import ConfigError, DidicmError
-from .evaluation import evaluate, parse_sampler, predict
+from .evaluation import collect_probs, parse_sampler
+from .files import atomic_write_bytes
 from .loader import eval_batches
-from .metrics import reliability_bins
-from .report import (
-    markdown_table,
-    plot_accuracy_vs_steps,
-    plot_gap,
-    plot_reliability,
-    plot_trajectories_grid,
-    write_json,
+from .metrics import (
+    _aurc_from,
+    accuracy_at_coverage,
+    apply_temperature,
+    auroc,
+    classification_metrics,
+    fit_temperature,
+    reliability_bins,
 )
-from .training import device_name, train
+from .report import markdown_table, plot_accuracy_vs_steps, plot_gap, plot_reliability, plot_trajectories_grid, write_json
 
-__all__ = ["load_study", "run_study", "aggregate"]
+__all__ = ["load_study", "run_study", "aggregate", "arm_metrics", "trajectory_scores", "HEADLINE"]
 
-METRICS = ("top1", "nll", "ece", "brier")
+HEADLINE = "didicm"  # the pre-registered DiDiCM row: CP-8 (the config's didicm arm), chosen before any result
+REPORTED = ("top1", "nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "aurc", "acc_at_90")
+ARM_KEYS = ("where", "predict", "ensemble", "trajectory", "describe")
+WHERE = ("all", "hard", "extremes")
+OOD_SETS = ("digits", "noise")
 
 
+# ---- configuration ----------------------------------------------------------------------------------------------
 def load_study(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"study config {str(path)!r} does not exist")
     spec = yaml.safe_load(path.read_text()) or {}
-    required = ("dataset", "resolutions", "data_ratios", "seeds", "native_resolution", "samplers", "base", "arms",
-                "output")
+    required = ("dataset", "protocol", "resolutions", "data_ratios", "seeds", "native_resolution", "base", "arms",
+                "epochs", "output")
     missing = [key for key in required if key not in spec]
     if missing:
         raise ConfigError(f"study config {str(path)} lacks {missing}")
-    if set(spec["arms"]) != {"twin", "didicm"}:
-        raise ConfigError("a study config has exactly two arms, 'twin' and 'didicm'")
-    for sampler in spec["samplers"]:
-        parse_sampler(sampler)
+    if spec["protocol"] not in ("resize", "resolution"):
+        raise ConfigError(f"study protocol must be 'resize' (the network sees R x R, the paper's) or 'resolution' "
+                          f"(down to R, back up to the native size), got {spec['protocol']!r}")
+    arms = spec["arms"]
+    if "twin" not in arms or HEADLINE not in arms:
+        raise ConfigError(f"a study needs the arms 'twin' and {HEADLINE!r}; it has {sorted(arms)}")
+    names = set()
+    for name, arm in arms.items():
+        if arm.get("where", "all") not in WHERE:
+            raise ConfigError(f"arm {name!r}: where must be one of {WHERE}, got {arm.get('where')!r}")
+        if "ensemble" in arm:
+            of = arm["ensemble"].get("of")
+            if of not in arms or "ensemble" in arms[of]:
+                raise ConfigError(f"arm {name!r}: ensemble.of must name a trained arm, got {of!r}")
+            if int(arm["ensemble"].get("members", 0)) < 2:
+                raise ConfigError(f"arm {name!r}: an ensemble needs ensemble.members >= 2")
+            rows = [name]
+        else:
+            if not arm.get("predict"):
+                raise ConfigError(f"arm {name!r} needs predict: {{row name: sampler}}, e.g. {{{name}: classifier}}")
+            for sampler in arm["predict"].values():
+                parse_sampler(sampler)
+            rows = list(arm["predict"])
+            if name not in rows:
+                raise ConfigError(f"arm {name!r}: its predict rows must include one named {name!r} (its headline)")
+        clash = names & set(rows)
+        if clash:
+            raise ConfigError(f"prediction rows {sorted(clash)} are named twice")
+        names |= set(rows)
+    for ratio in spec["data_ratios"]:
+        _epochs(spec, ratio)
     spec["_path"] = str(path)
     return spec
 
 
-def _cell_config(spec: dict, arm: str, resolution: int, ratio: float, seed: int) -> dict:
-    values = merge_dicts(spec["base"], spec["arms"][arm])
-    data = values.setdefault("data", {})
-    data["dataset"] = spec["dataset"]
-    data["data_ratio"] = ratio
-    data["split_seed"] = seed
-    if resolution < spec["native_resolution"]:
-        data["degradation"] = ",".join(filter(None, [f"resolution={resolution}", data.get("degradation")]))
-    values["seed"] = seed
-    values["output"] = str(Path(spec.get("runs", "runs/study")) / _cell_name(resolution, ratio, seed) / arm)
-    return values
+def _epochs(spec: dict, ratio: float) -> float:
+    """The epoch budget (a cap; patience usually stops first) for a data ratio: a number, or {ratio: epochs}."""
+    budget = spec["epochs"]
+    if isinstance(budget, dict):
+        matches = [v for k, v in budget.items() if math.isclose(float(k), ratio)]
+        if not matches:
+            raise ConfigError(f"study epochs has no budget for data ratio {ratio:g}; give one per ratio")
+        return float(matches[0])
+    return float(budget)
 
 
 def _cell_name(resolution: int, ratio: float, seed: int) -> str:
     return f"res{resolution}_ratio{ratio:g}_seed{seed}"
 
 
-def _recipe_hash(spec: dict, resolution: int, ratio: float, seed: int) -> str:
-    configs = {arm: _cell_config(spec, arm, resolution, ratio, seed) for arm in ("twin", "didicm")}
-    for values in configs.values():
-        values.pop("output")
-    text = json.dumps({"configs": configs, "samplers": spec["samplers"], "cl_limit": spec.get("cl_limit"),
-                       "val_limit": spec.get("val_limit")},
-                      sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _in_cell(spec: dict, arm: dict, resolution: int, ratio: float) -> bool:
+    where = arm.get("where", "all")
+    if where == "all":
+        return True
+    easiest = (max(spec["resolutions"]), max(spec["data_ratios"]))
+    if where == "hard":  # issue 12: resolution <= 14 px or data ratio <= 0.1, i.e. every cell but the easiest
+        return (resolution, ratio) != easiest
+    return (resolution, ratio) in (easiest, (min(spec["resolutions"]), min(spec["data_ratios"])))
+
+
+def _degradation(spec: dict, resolution: int) -> str | None:
+    return f"{spec['protocol']}={resolution}" if resolution < spec["native_resolution"] else None
+
+
+def _arm_config(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int = 0) -> dict:
+    arm = {k: v for k, v in spec["arms"][name].items() if k not in ARM_KEYS}
+    values = merge_dicts(spec["base"], arm)
+    data = values.setdefault("data", {})
+    data.update(dataset=spec["dataset"], data_ratio=ratio, split_seed=seed, degradation=_degradation(spec, resolution))
+    values.setdefault("optim", {})["epochs"] = _epochs(spec, ratio)
+    values["seed"] = seed + 1000 * member  # ensemble members differ in initialisation and order, not in data
+    return values
+
+
+def _arm_recipe(spec: dict, name: str, resolution: int, ratio: float, seed: int) -> str:
+    arm = spec["arms"][name]
+    if "ensemble" in arm:
+        members = int(arm["ensemble"]["members"])
+        configs = [_arm_config(spec, arm["ensemble"]["of"], resolution, ratio, seed, m) for m in range(members)]
+        payload = {"members": configs}
+    else:
+        payload = {"config": _arm_config(spec, name, resolution, ratio, seed), "predict": arm["predict"],
+                   "trajectory": arm.get("trajectory")}
+    payload.update(ood=spec.get("ood"), cl_limit=spec.get("cl_limit"), protocol=spec["protocol"])
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _commit() -> str:
@@ -99,109 +168,298 @@ def _commit() -> str:
         return "unknown"
 
 
-def _evaluate_split(model, diffusion, dataset, specs, seed, limit=None) -> dict:
-    return evaluate(model, eval_batches(dataset, 512, next(model.parameters()).device, limit=limit), specs,
-                    diffusion, seed=seed, num_classes=dataset.num_classes)
+# ---- metrics from saved predictions -------------------------------------------------------------------------------
+def _as_saved(probs: torch.Tensor) -> torch.Tensor:
+    """Probabilities as the predictions file stores them (float16), back in float32 and renormalised: every metric
+    is computed from exactly these values, so it can be recomputed from the file."""
+    p = torch.as_tensor(np.asarray(probs, dtype=np.float16)).float()
+    return p / p.sum(dim=1, keepdim=True)
 
 
-def _probs(model, diffusion, dataset, spec, seed, device) -> tuple[torch.Tensor, torch.Tensor]:
-    chunks, labels = [], []
-    generator = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for images, targets in eval_batches(dataset, 512, device):
-            chunks.append(predict(model, images, spec, diffusion, generator).cpu())
-            labels.append(targets.cpu())
-    return torch.cat(chunks), torch.cat(labels)
+def arm_metrics(val_probs, val_labels, test_probs, test_labels, ood: dict | None = None,
+                scores: dict | None = None) -> dict:
+    """Every reported number of one prediction row, from its saved arrays.
+
+    Args:
+        val_probs, test_probs: [N, K] float16 arrays (as saved); val_labels, test_labels: [N] ints.
+        ood: {shift name: [M, K] float16 probabilities on that shifted set}.
+        scores: {score name: {"test": [N], "<shift>": [M]}}: extra uncertainty scores (higher = less sure), e.g.
+            DiDiCM's trajectory signals; each gets an AURC on test and an AUROC per shift.
+    Returns:
+        test metrics before (top1, nll, ece, brier, aurc, acc_at_90, top5, entropy) and after temperature
+        scaling (T fitted on validation: nll_ts, ece_ts, brier_ts), val_top1/val_nll, and OOD AUROCs.
+    """
+    val, test = _as_saved(val_probs), _as_saved(test_probs)
+    val_labels, test_labels = torch.as_tensor(val_labels).long(), torch.as_tensor(test_labels).long()
+    out = classification_metrics(test, test_labels)
+    out["acc_at_90"] = accuracy_at_coverage(test, test_labels, 0.9)
+    temperature = fit_temperature(val, val_labels)
+    scaled = classification_metrics(apply_temperature(test, temperature), test_labels)
+    out.update(T=temperature, nll_ts=scaled["nll"], ece_ts=scaled["ece"], brier_ts=scaled["brier"],
+               count=int(test.shape[0]), val_count=int(val.shape[0]))
+    val_metrics = classification_metrics(val, val_labels)
+    out.update(val_top1=val_metrics["top1"], val_nll=val_metrics["nll"])
+    in_conf = test.max(dim=1).values
+    in_entropy = -torch.special.xlogy(test, test).sum(dim=1)
+    for shift, probs in (ood or {}).items():
+        shifted = _as_saved(probs)
+        out[f"auroc_{shift}_maxprob"] = auroc(-in_conf, -shifted.max(dim=1).values)
+        out[f"auroc_{shift}_entropy"] = auroc(in_entropy, -torch.special.xlogy(shifted, shifted).sum(dim=1))
+    correct = (test.argmax(dim=1) == test_labels).double()
+    for name, values in (scores or {}).items():
+        score = torch.as_tensor(np.asarray(values["test"], dtype=np.float16)).double()
+        out[f"aurc_{name}"] = _aurc_from(-score, correct)
+        for shift in (ood or {}):
+            if shift in values:
+                shifted = torch.as_tensor(np.asarray(values[shift], dtype=np.float16)).double()
+                out[f"auroc_{shift}_{name}"] = auroc(score, shifted)
+    return out
+
+
+def trajectory_scores(trajectory: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Uncertainty scores of a CP trajectory [N, S+1, K] (higher = less sure), which no one-pass peer has:
+
+    - ``settle``: the fraction of the S steps that passed before the top class took its final value (0: it
+      held from step 1 on; (S - 1) / S: it changed at the last step);
+    - ``path_entropy``: the entropy of the class distribution averaged over steps 1..S.
+    """
+    steps = trajectory.shape[1] - 1
+    top = trajectory[:, 1:].argmax(dim=2)  # [N, S]
+    differs = top != top[:, -1:]
+    last_change = torch.where(differs.any(dim=1), steps - differs.flip(1).int().argmax(dim=1), torch.zeros_like(top[:, 0]))
+    p = trajectory[:, 1:].clamp_min(0)
+    entropy = -torch.special.xlogy(p, p).sum(dim=2).mean(dim=1)
+    return {"settle": last_change.float() / steps, "path_entropy": entropy}
+
+
+# ---- running a cell ---------------------------------------------------------------------------------------------
+def _ood_sets(spec: dict, resolution: int, test_set) -> dict:
+    """Shifted inputs the classifier should be unsure about, at the cell's input size and normalisation:
+    scikit-learn's digits (another domain) and the first ``count`` test images under heavy pixel noise."""
+    ood = spec.get("ood") or {}
+    if not ood:
+        return {}
+    from sklearn.datasets import load_digits
+
+    count = int(ood.get("count", 2000))
+    pipeline = parse_degradation(_degradation(spec, resolution))
+    digits = load_digits()
+    pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:count, None]
+    native = spec["native_resolution"]
+    digits_set = InMemoryDataset("digits-shift", "test", pixels, digits.target[:count].astype(np.int64),
+                                 np.arange(len(pixels[:count])), 2, test_set.classes, pipeline.output_size(native),
+                                 test_set.mean, test_set.std, pipeline, False, False, load_size=native)
+    noise = ",".join(filter(None, [_degradation(spec, resolution), f"noise={float(ood.get('noise', 0.5)):g}"]))
+    noise_set = create_dataset(spec["dataset"], "test", degradation=noise)
+    return {"digits": digits_set.tensors()[0][:count], "noise": noise_set.tensors()[0][:count]}
+
+
+def _batches(images: torch.Tensor, batch: int, device):
+    for start in range(0, images.shape[0], batch):
+        chunk = images[start:start + batch].to(device)
+        yield chunk, torch.zeros(chunk.shape[0], dtype=torch.long, device=device)
+
+
+def _predict_row(model, diffusion, sampler: str, splits: dict, device, seed: int, cl_limit, augment, trajectory: bool,
+                 batch: int) -> tuple[dict, dict, float]:
+    """One prediction row on every split: ({split: probs}, {split: trajectory scores}, test images per second)."""
+    spec = parse_sampler(sampler)
+    limit = cl_limit if spec.kind == "cl" else None
+    probs, signals, speed = {}, {}, 0.0
+    for split, (images, labels) in splits.items():
+        count = images.shape[0] if limit is None else min(limit, images.shape[0])
+        batches = ((images[i:min(i + batch, count)].to(device), labels[i:min(i + batch, count)].to(device))
+                   for i in range(0, count, batch))
+        started = time.perf_counter()
+        out = collect_probs(model, batches, spec, diffusion, seed=seed, augment=augment, return_trajectory=trajectory)
+        if split == "test":
+            speed = count / max(time.perf_counter() - started, 1e-9)
+        probs[split] = out[0].numpy().astype(np.float16)
+        if trajectory:
+            signals[split] = {k: v.numpy().astype(np.float16) for k, v in trajectory_scores(out[2]).items()}
+    return probs, signals, speed
+
+
+def _train_arm(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int, progress: bool, log):
+    from .training import train
+
+    values = _arm_config(spec, name, resolution, ratio, seed, member)
+    recipe = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+    suffix = f"_m{member}" if member else ""
+    values["output"] = str(Path(spec.get("runs", "runs/study")) / _cell_name(resolution, ratio, seed) /
+                           f"{name}{suffix}-{recipe}")
+    config = config_from_dict(values)
+    log(f"[{_cell_name(resolution, ratio, seed)}] training {name}{suffix} ({config.model.name}, at most "
+        f"{config.optim.epochs:g} epochs, select {config.eval.select})")
+    result = train(config, resume=True, progress=progress, log=lambda *_: None)
+    selection = result.metrics.get("selection", {})
+    record = {"model": config.model.name, "train_seconds": result.metrics["train_seconds"],
+              "epochs_run": result.metrics["epochs_run"], "steps_run": result.metrics["steps_run"],
+              "best_epoch": selection.get("best_epoch"), "best_step": selection.get("best_step"),
+              "converged": selection.get("converged"), "stopped_early": selection.get("stopped_early"),
+              "select": selection.get("metric"), "validations": len(selection.get("history", []))}
+    return result, record
+
+
+def _splits(spec: dict, resolution: int, ratio: float, seed: int) -> tuple[dict, object]:
+    common = dict(degradation=_degradation(spec, resolution), seed=seed,
+                  val_size=spec["base"].get("data", {}).get("val_size"))
+    val_set = create_dataset(spec["dataset"], "val", **common)
+    test_set = create_dataset(spec["dataset"], "test", **common)
+    splits = {"val": val_set.tensors(), "test": test_set.tensors()}
+    for shift, images in _ood_sets(spec, resolution, test_set).items():
+        splits[shift] = (images, torch.zeros(images.shape[0], dtype=torch.long))
+    return splits, test_set
+
+
+def _load_predictions(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _save_predictions(path: Path, arrays: dict) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _row_metrics(arrays: dict, row: str, signal_row: str | None) -> dict:
+    ood = {s: arrays[f"{s}_{row}"] for s in OOD_SETS if f"{s}_{row}" in arrays}
+    n_val = arrays[f"val_{row}"].shape[0]
+    n_test = arrays[f"test_{row}"].shape[0]
+    scores = {}
+    if signal_row == row:
+        for name in ("settle", "path_entropy"):
+            scores[name] = {split: arrays[f"{split}_{row}_{name}"] for split in ("test", *OOD_SETS)
+                            if f"{split}_{row}_{name}" in arrays}
+    return arm_metrics(arrays[f"val_{row}"], arrays["val_labels"][:n_val], arrays[f"test_{row}"],
+                       arrays["test_labels"][:n_test], ood, scores)
 
 
 def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: bool = True, log=print) -> dict:
-    """Train and evaluate both arms in one cell; returns the cell's record."""
-    record = {"resolution": resolution, "data_ratio": ratio, "seed": seed, "commit": _commit(),
-              "recipe": _recipe_hash(spec, resolution, ratio, seed)}
-    started = time.perf_counter()
-    cl_limit, val_limit = spec.get("cl_limit"), spec.get("val_limit")
-    for arm in ("twin", "didicm"):
-        config = config_from_dict(_cell_config(spec, arm, resolution, ratio, seed))
-        log(f"[{_cell_name(resolution, ratio, seed)}] training {arm} ({config.model.name}, {config.optim.steps} steps)")
-        result = train(config, progress=progress, log=lambda *_: None)
-        model, diffusion = result.model, result.diffusion
-        common = dict(root=config.data.root, image_size=config.data.image_size, degradation=config.data.degradation,
-                      val_size=config.data.val_size, seed=config.data.split_seed)
-        val_set = create_dataset(config.data.dataset, "val", **common)
-        test_set = create_dataset(config.data.dataset, "test", **common)
-        eval_started = time.perf_counter()
-        if diffusion is None:
-            specs = [parse_sampler("classifier")]
-            val = _evaluate_split(model, None, val_set, specs, seed, limit=val_limit)
-            test = _evaluate_split(model, None, test_set, specs, seed)
-            best = "classifier"
+    """Train and evaluate every arm of one cell that is not cached; returns the cell's record."""
+    name = _cell_name(resolution, ratio, seed)
+    out = Path(spec["output"])
+    cell_path, pred_path = out / "cells" / f"{name}.json", out / "predictions" / f"{name}.npz"
+    record = json.loads(cell_path.read_text()) if cell_path.exists() else {}
+    if record.get("protocol") != spec["protocol"]:
+        record = {}
+    record.update(resolution=resolution, data_ratio=ratio, seed=seed, protocol=spec["protocol"],
+                  degradation=_degradation(spec, resolution))
+    record.setdefault("arms", {})
+    record.setdefault("rows", {})
+    arrays = _load_predictions(pred_path)
+    splits = test_set = None
+    batch = int(spec.get("eval_batch_size", 512))
+    for arm_name, arm in spec["arms"].items():
+        if not _in_cell(spec, arm, resolution, ratio):
+            continue
+        recipe = _arm_recipe(spec, arm_name, resolution, ratio, seed)
+        cached = record["arms"].get(arm_name, {})
+        rows = [arm_name] if "ensemble" in arm else list(arm["predict"])
+        if cached.get("recipe") == recipe and all(f"test_{r}" in arrays for r in rows):
+            log(f"[{name}] {arm_name}: cached")
+            continue
+        if splits is None:
+            splits, test_set = _splits(spec, resolution, ratio, seed)
+            arrays["val_labels"] = splits["val"][1].numpy().astype(np.int16)
+            arrays["test_labels"] = splits["test"][1].numpy().astype(np.int16)
+        started = time.perf_counter()
+        arm_record = {"recipe": recipe, "commit": _commit()}
+        if "ensemble" in arm:
+            of, members = arm["ensemble"]["of"], int(arm["ensemble"]["members"])
+            summed, seconds, trained = {}, 0.0, []
+            for member in range(members):
+                result, info = _train_arm(spec, of, resolution, ratio, seed, member, progress, log)
+                seconds += info["train_seconds"]
+                trained.append(info)
+                device = next(result.model.parameters()).device
+                probs, _, _ = _predict_row(result.model, None, "classifier", splits, device, seed, None, None, False,
+                                           batch)
+                for split, p in probs.items():
+                    summed[split] = summed.get(split, 0.0) + p.astype(np.float64) / members
+            for split, p in summed.items():
+                arrays[f"{split}_{arm_name}"] = p.astype(np.float16)
+            arm_record.update(members=trained, train_seconds=round(seconds, 2), model=trained[0]["model"],
+                              epochs_run=[m["epochs_run"] for m in trained], best_epoch=[m["best_epoch"] for m in trained],
+                              converged=all(m["converged"] for m in trained))
+            record["rows"][arm_name] = {"arm": arm_name, "sampler": f"ensemble of {members}",
+                                        "evaluations_per_image": members}
         else:
-            specs = [parse_sampler(s) for s in spec["samplers"]]
-            cheap = [s for s in specs if s.kind != "cl" or cl_limit is None]
-            costly = [s for s in specs if s not in cheap]
-            val = _evaluate_split(model, diffusion, val_set, cheap, seed, limit=val_limit)
-            test = _evaluate_split(model, diffusion, test_set, cheap, seed)
-            if costly:  # CL costs S*N network calls per image: evaluated on the first cl_limit test images only
-                test.update(_evaluate_split(model, diffusion, test_set, costly, seed, limit=cl_limit))
-            # the sampler is chosen on validation top-1 (never on test), among those run on the full split
-            best = max((s.name for s in cheap), key=lambda name: val[name]["top1"])
-        eval_seconds = time.perf_counter() - eval_started
-        probs, labels = _probs(model, diffusion, test_set, parse_sampler(best), seed, next(model.parameters()).device)
-        record[arm] = {**{k: test[best][k] for k in (*METRICS, "top5", "aurc", "entropy")},
-                       "sampler": best, "evaluations_per_image": test[best]["evaluations_per_image"],
-                       "train_seconds": result.metrics["train_seconds"], "eval_seconds": round(eval_seconds, 2),
-                       "val_top1": val[best]["top1"], "model": config.model.name}
-        record[f"{arm}_samplers"] = {"test": test, "val": val}
-        record[f"{arm}_reliability"] = reliability_bins(probs, labels)
-        if diffusion is not None and spec.get("trajectories", 0):
-            count = int(spec["trajectories"])
-            images, targets = next(iter(eval_batches(test_set, count, next(model.parameters()).device)))
-            _, trajectory = predict(model, images, parse_sampler("cp:8"), diffusion,
-                                    torch.Generator().manual_seed(seed), return_trajectory=True)
-            record["trajectories"] = {"images": images.cpu(), "labels": targets.cpu(),
-                                      "trajectory": trajectory.cpu(), "classes": list(test_set.classes)}
-        record["device"] = device_name(model)
-    record["wall_seconds"] = round(time.perf_counter() - started, 2)
+            result, info = _train_arm(spec, arm_name, resolution, ratio, seed, 0, progress, log)
+            arm_record.update(info)
+            model, diffusion = result.model, result.diffusion
+            device = next(model.parameters()).device
+            augment = test_set.batch_augment()
+            for row, sampler in arm["predict"].items():
+                eval_started = time.perf_counter()
+                with_trajectory = arm.get("trajectory") == row
+                probs, signals, speed = _predict_row(model, diffusion, sampler, splits, device, seed,
+                                                     spec.get("cl_limit"), augment, with_trajectory, batch)
+                for split, p in probs.items():
+                    arrays[f"{split}_{row}"] = p
+                for split, values in signals.items():
+                    for signal, v in values.items():
+                        arrays[f"{split}_{row}_{signal}"] = v
+                parsed = parse_sampler(sampler)
+                record["rows"][row] = {"arm": arm_name, "sampler": sampler, "images_per_second": round(speed, 1),
+                                       "evaluations_per_image": parsed.evaluations_per_image,
+                                       "eval_seconds": round(time.perf_counter() - eval_started, 2)}
+            if arm.get("trajectory") and diffusion is not None and spec.get("trajectories"):
+                count = int(spec["trajectories"])
+                images, labels = splits["test"][0][:count].to(device), splits["test"][1][:count]
+                _, traj = collect_probs(model, [(images, labels.to(device))], parse_sampler(arm["predict"][arm["trajectory"]]),
+                                        diffusion, seed=seed, return_trajectory=True)[0::2]
+                unnormalised = images.cpu() * torch.tensor(test_set.std).view(-1, 1, 1) + \
+                    torch.tensor(test_set.mean).view(-1, 1, 1)
+                record["trajectories"] = {"images": unnormalised.tolist(), "labels": labels.tolist(),
+                                          "trajectory": traj.tolist(), "classes": list(test_set.classes)}
+            arm_record["device"] = _device_label(device)
+        arm_record["wall_seconds"] = round(time.perf_counter() - started, 2)
+        record["arms"][arm_name] = arm_record
+        # metrics are computed from the arrays as saved, never from the in-memory float32 probabilities
+        for row, info in record["rows"].items():
+            if info["arm"] == arm_name:
+                info.update(_row_metrics(arrays, row, arm.get("trajectory")))
+        _save_predictions(pred_path, arrays)
+        record["commit"] = _commit()
+        write_json(cell_path, record)
+        log(f"[{name}] {arm_name}: " + ", ".join(
+            f"{row} {info['top1']:.2f}%" for row, info in record["rows"].items() if info["arm"] == arm_name) +
+            f" ({arm_record['wall_seconds']:.0f} s)")
     return record
+
+
+def _device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 
 def run_study(path: str | Path, progress: bool = True, log=print, only: list[str] | None = None, jobs: int = 1,
               aggregate_results: bool = True) -> dict | None:
-    """Run every missing cell of the study at ``path`` (YAML), then aggregate. Resumable: finished cells are
-    read back, not recomputed, unless their recipe changed.
+    """Run every missing arm of every cell of the study at ``path`` (YAML), then aggregate. Resumable.
 
-    ``jobs`` > 1 runs the missing cells in that many worker processes (``didicm study --only ...``), which
-    keeps a GPU busy with the study's small networks; each worker writes its cells as they finish.
+    ``jobs`` > 1 runs the cells in that many worker processes (``didicm study --only ...``), which keeps a GPU
+    busy with the study's small networks; each worker writes its cells as they finish.
     """
     spec = load_study(path)
-    out = Path(spec["output"])
-    cells_dir = out / "cells"
-    grid = [(r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]]
+    # cheapest first: low resolution and little data finish in minutes, so results land early
+    grid = sorted(((r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]),
+                  key=lambda c: (c[2], c[0] * c[0] * c[1], c[0]))
     if only:
         unknown = set(only) - {_cell_name(*cell) for cell in grid}
         if unknown:
             raise ConfigError(f"unknown cells {sorted(unknown)}; names look like res7_ratio0.02_seed0")
         grid = [cell for cell in grid if _cell_name(*cell) in only]
-    missing = []
-    for index, (resolution, ratio, seed) in enumerate(grid, 1):
-        path_cell = cells_dir / f"{_cell_name(resolution, ratio, seed)}.json"
-        if path_cell.exists():
-            cached = json.loads(path_cell.read_text())
-            if cached.get("recipe") == _recipe_hash(spec, resolution, ratio, seed):
-                log(f"cell {index}/{len(grid)} {path_cell.stem}: cached")
-                continue
-            log(f"cell {index}/{len(grid)} {path_cell.stem}: recipe changed, recomputing")
-        missing.append((resolution, ratio, seed))
-    if jobs > 1 and len(missing) > 1:
-        _run_workers(path, [_cell_name(*cell) for cell in missing], jobs, log)
+    if jobs > 1 and len(grid) > 1:
+        _run_workers(path, [_cell_name(*cell) for cell in grid], jobs, log)
     else:
-        for index, (resolution, ratio, seed) in enumerate(missing, 1):
-            path_cell = cells_dir / f"{_cell_name(resolution, ratio, seed)}.json"
-            log(f"cell {path_cell.stem} ({index}/{len(missing)} to run): running")
-            record = run_cell(spec, resolution, ratio, seed, progress, log)
-            write_json(path_cell, record)
-            log(f"cell {path_cell.stem}: twin {record['twin']['top1']:.2f}%, DiDiCM {record['didicm']['top1']:.2f}% "
-                f"({record['didicm']['sampler']}), {record['wall_seconds']:.0f} s")
+        for index, cell in enumerate(grid, 1):
+            log(f"cell {index}/{len(grid)} {_cell_name(*cell)}")
+            run_cell(spec, *cell, progress=progress, log=log)
     if not aggregate_results:
         return None
     return aggregate(spec, command=" ".join(["didicm", "study", str(path)]))
@@ -221,173 +479,231 @@ def _run_workers(path: str | Path, names: list[str], jobs: int, log) -> None:
         workers.append(subprocess.Popen(command, env=env))
     failed = [i for i, w in enumerate(workers) if w.wait() != 0]
     if failed:
-        raise DidicmError(f"study workers {failed} failed (their finished cells are kept; re-run to continue)")
+        raise DidicmError(f"study workers {failed} failed (their finished arms are kept; re-run to continue)")
 
 
+# ---- aggregation and the report -------------------------------------------------------------------------------
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _verdict(mean: float, std: float, n: int) -> str:
+    """The study's rule: a gap counts only beyond two seed standard deviations, with at least 2 seeds."""
+    if n < 2:
+        return "one seed"
+    if abs(mean) <= 2 * std:
+        return "tie"
+    return "win" if mean > 0 else "loss"
+
+
+def _summaries(spec: dict, cells: list[dict]) -> list[dict]:
+    """Per (resolution, ratio): every row's mean and std over seeds, and DiDiCM's gaps to every other row."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["resolution"], cell["data_ratio"]), []).append(cell)
+    summaries = []
+    for (resolution, ratio), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
+        rows = sorted({r for c in group for r in c["rows"]})
+        summary = {"resolution": resolution, "data_ratio": ratio, "seeds": sorted(c["seed"] for c in group),
+                   "rows": {}, "gaps": {}}
+        for row in rows:
+            present = [c for c in group if row in c["rows"]]
+            summary["rows"][row] = {"seeds": len(present), **{
+                m: dict(zip(("mean", "std"), _mean_std([c["rows"][row][m] for c in present]), strict=True))
+                for m in (*REPORTED, "auroc_digits_maxprob", "auroc_noise_maxprob", "auroc_digits_entropy",
+                          "auroc_noise_entropy", "T") if all(m in c["rows"][row] for c in present)}}
+        for row in rows:
+            if row == HEADLINE:
+                continue
+            paired = [c for c in group if row in c["rows"] and HEADLINE in c["rows"]]
+            if not paired:
+                continue
+            gap = {}
+            for metric in ("top1", "nll_ts", "ece_ts", "brier_ts", "aurc"):
+                mean, std = _mean_std([c["rows"][HEADLINE][metric] - c["rows"][row][metric] for c in paired])
+                better = mean if metric == "top1" else -mean  # positive: DiDiCM better
+                gap[metric] = {"mean": mean, "std": std, "n": len(paired),
+                               "verdict": _verdict(better, std, len(paired))}
+            summary["gaps"][row] = gap
+        summaries.append(summary)
+    return summaries
+
+
+def _controls(spec: dict) -> list[str]:
+    """The rows that are not DiDiCM (the classifiers a user would pick instead)."""
+    rows = []
+    for name, arm in spec["arms"].items():
+        if name.startswith("didicm"):
+            continue
+        rows += [name] if "ensemble" in arm else list(arm["predict"])
+    return rows
 
 
 def aggregate(spec: dict, command: str) -> dict:
     """Read every finished cell, write study.json, the figures and report.md; return the study record."""
     out = Path(spec["output"])
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    cells = [c for c in cells if c.get("protocol") == spec["protocol"] and c.get("rows")]
     if not cells:
         raise ConfigError(f"no finished cells under {out / 'cells'}; run the study first")
-    light = [{k: v for k, v in c.items() if k not in ("trajectories",) and not k.endswith("_reliability")}
-             for c in cells]
-    study = {"dataset": spec["dataset"], "command": command, "commit": _commit(), "config": spec["_path"],
-             "samplers": spec["samplers"], "cells": light}
+    light = [{k: v for k, v in c.items() if k != "trajectories"} for c in cells]
+    summaries = _summaries(spec, cells)
+    study = {"dataset": spec["dataset"], "protocol": spec["protocol"], "command": command, "config": spec["_path"],
+             "headline": HEADLINE, "controls": _controls(spec),
+             "arms": {k: v.get("describe", "") for k, v in spec["arms"].items()},
+             "commits": sorted({c.get("commit", "unknown") for c in cells}),
+             "devices": sorted({a.get("device", "unknown") for c in cells for a in c["arms"].values()
+                                if "device" in a}),
+             "cells": light, "summary": summaries}
     write_json(out / "study.json", study)
-    figures = _figures(spec, cells, out)
-    (out / "report.md").write_text(_report(spec, cells, command, figures))
+    figures = _figures(spec, cells, summaries, out)
+    (out / "report.md").write_text(_report(spec, study, figures))
     return study
 
 
-def _groups(cells: list[dict]) -> dict[tuple[int, float], list[dict]]:
-    groups: dict[tuple[int, float], list[dict]] = {}
-    for cell in cells:
-        groups.setdefault((cell["resolution"], cell["data_ratio"]), []).append(cell)
-    return groups
-
-
-def _figures(spec: dict, cells: list[dict], out: Path) -> list[str]:
-    groups = _groups(cells)
+def _figures(spec: dict, cells: list[dict], summaries: list[dict], out: Path) -> list[str]:
     figures = []
     native, full = spec["native_resolution"], max(spec["data_ratios"])
-    axes = {}
-    by_res = [(r, groups[(r, full)]) for r in sorted(spec["resolutions"], reverse=True) if (r, full) in groups]
-    by_ratio = [(q, groups[(native, q)]) for q in sorted(spec["data_ratios"], reverse=True) if (native, q) in groups]
-    for axis, series, unit in ((f"resolution (data ratio {full:g})", by_res, " px"),
-                               (f"data ratio ({native} px)", by_ratio, "")):
-        if len(series) >= 2:
-            gaps = [_mean_std([c["didicm"]["top1"] - c["twin"]["top1"] for c in group]) for _, group in series]
-            axes[axis] = ([f"{level:g}{unit}" for level, _ in series], [g[0] for g in gaps], [g[1] for g in gaps])
-    if axes:
-        figures.append(str(plot_gap(axes, out / "gap.png", title=f"{spec['dataset']}: DiDiCM - twin")))
-    hardest = min(groups, key=lambda key: (key[0], key[1]))
-    cell = groups[hardest][0]
-    cp = sorted((s for s in cell["didicm_samplers"]["test"] if s.startswith("cp:") and s.count(":") == 1),
-                key=lambda s: int(s.split(":")[1]))
-    if cp:
-        curves = {"DiDiCM CP": ([int(s.split(":")[1]) for s in cp],
-                                [cell["didicm_samplers"]["test"][s]["top1"] for s in cp])}
-        figures.append(str(plot_accuracy_vs_steps(curves, {"twin": cell["twin"]["top1"]}, out / "steps.png",
+    by_key = {(s["resolution"], s["data_ratio"]): s for s in summaries}
+    for against in ("twin", "best_control"):
+        axes = {}
+        for axis, keys, unit in ((f"resolution (data ratio {full:g})",
+                                  [(r, full) for r in sorted(spec["resolutions"], reverse=True)], " px"),
+                                 (f"data ratio ({native} px)",
+                                  [(native, q) for q in sorted(spec["data_ratios"], reverse=True)], "")):
+            points = []
+            for key in keys:
+                summary = by_key.get(key)
+                other = _best_control(summary) if summary and against == "best_control" else "twin"
+                if summary and other in summary["gaps"]:
+                    gap = summary["gaps"][other]["top1"]
+                    points.append((f"{key[0] if unit else key[1]:g}{unit}", gap["mean"], gap["std"]))
+            if len(points) >= 2:
+                axes[axis] = ([p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
+        if axes:
+            label = "twin" if against == "twin" else "the best control in each cell"
+            figures.append(str(plot_gap(axes, out / f"gap_{against}.png", title=f"{_headline_label(spec)} - {label}",
+                                        ylabel=f"top-1 gap, DiDiCM - {label} (points)")))
+    hardest = min(((c["resolution"], c["data_ratio"]) for c in cells))
+    cell = next(c for c in cells if (c["resolution"], c["data_ratio"]) == hardest)
+    cp = sorted((r for r, info in cell["rows"].items() if info["arm"] == HEADLINE and info["sampler"].startswith("cp:")),
+                key=lambda r: int(cell["rows"][r]["sampler"].split(":")[1]))
+    if len(cp) >= 2:
+        curves = {"DiDiCM CP": ([int(cell["rows"][r]["sampler"].split(":")[1]) for r in cp],
+                                [cell["rows"][r]["top1"] for r in cp])}
+        baselines = {r: cell["rows"][r]["top1"] for r in _controls(spec) if r in cell["rows"]}
+        figures.append(str(plot_accuracy_vs_steps(curves, baselines, out / "steps.png",
                                                   title=f"{hardest[0]} px, ratio {hardest[1]:g}, seed {cell['seed']}")))
-    figures.append(str(plot_reliability({"twin": cell["twin_reliability"], "DiDiCM": cell["didicm_reliability"]},
-                                        out / "reliability_hardest.png",
-                                        title=f"hardest cell: {hardest[0]} px, ratio {hardest[1]:g}")))
+    arrays = _load_predictions(out / "predictions" / f"{_cell_name(*hardest, cell['seed'])}.npz")
+    if "test_twin" in arrays and f"test_{HEADLINE}" in arrays:
+        bins = {}
+        for row, label in (("twin", "twin"), (HEADLINE, _headline_label(spec))):
+            info = cell["rows"][row]
+            probs = apply_temperature(_as_saved(arrays[f"test_{row}"]), info["T"])
+            bins[f"{label} (T = {info['T']:.2f})"] = reliability_bins(probs, torch.as_tensor(arrays["test_labels"]).long())
+        figures.append(str(plot_reliability(bins, out / "reliability_hardest.png",
+                                            title=f"after temperature scaling: {hardest[0]} px, ratio {hardest[1]:g}")))
     if "trajectories" in cell:
         t = cell["trajectories"]
-        figures.append(str(plot_trajectories_grid(torch.tensor(t["images"]), torch.tensor(t["trajectory"]).numpy(),
+        figures.append(str(plot_trajectories_grid(torch.tensor(t["images"]), np.asarray(t["trajectory"]),
                                                   t["classes"], t["labels"], out / "trajectories.png")))
     return figures
 
 
-def _cell_commits(cells: list[dict]) -> str:
-    return ", ".join(sorted({c.get("commit", "unknown") for c in cells}))
+def _best_control(summary: dict) -> str | None:
+    """The control row with the best mean test top-1 in this setting (chosen on test: an upper bound on what a
+    user choosing on validation would get, so the comparison is against the strongest control)."""
+    controls = [r for r in summary["gaps"] if not r.startswith("didicm")]
+    return max(controls, key=lambda r: summary["rows"][r]["top1"]["mean"]) if controls else None
 
 
-def _devices(cells: list[dict]) -> str:
-    return "run on " + ", ".join(sorted({c.get("device", "unknown device") for c in cells}))
+def _fmt(stat: dict, digits: int = 2) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def _wall(cells: list[dict]) -> str:
-    walls = [c["wall_seconds"] for c in cells]
-    return f"{min(walls):.0f}-{max(walls):.0f} s, {sum(walls) / 60:.1f} min summed over cells, which may overlap"
-
-
-def _fixed_sampler_table(groups: dict, sampler: str) -> str:
-    """DiDiCM with a sampler fixed in advance (no selection on validation) against the twin ('' if not run)."""
-    if any(sampler not in c["didicm_samplers"]["test"] for group in groups.values() for c in group):
-        return ""
-    rows = []
-    for (resolution, ratio), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
-        fixed = [c["didicm_samplers"]["test"][sampler] for c in group]
-        rows.append({"resolution": f"{resolution} px", "data ratio": ratio,
-                     "twin top-1": statistics.fmean(c["twin"]["top1"] for c in group),
-                     f"{sampler} top-1": statistics.fmean(f["top1"] for f in fixed),
-                     "gap": "{:+.2f} ± {:.2f}".format(*_mean_std([f["top1"] - c["twin"]["top1"]
-                                                                for f, c in zip(fixed, group, strict=True)])),
-                     "twin NLL": statistics.fmean(c["twin"]["nll"] for c in group),
-                     f"{sampler} NLL": statistics.fmean(f["nll"] for f in fixed),
-                     "twin ECE": statistics.fmean(c["twin"]["ece"] for c in group),
-                     f"{sampler} ECE": statistics.fmean(f["ece"] for f in fixed),
-                     "twin Brier": statistics.fmean(c["twin"]["brier"] for c in group),
-                     f"{sampler} Brier": statistics.fmean(f["brier"] for f in fixed)})
-    return markdown_table(rows, title=f"DiDiCM with {sampler} fixed in advance (no sampler selection), mean over "
-                                      "seeds")
-
-
-def _peers_table(groups: dict, peers: dict) -> str:
-    """The generative peers beside DiDiCM and the twin in the cells where they ran (means over seeds)."""
-    rows = []
-    for key in sorted({(p["resolution"], p["data_ratio"]) for p in peers.values()}, key=lambda k: (-k[0], -k[1])):
-        runs = [p for p in peers.values() if (p["resolution"], p["data_ratio"]) == key]
-        cells = groups.get(key, [])
-        methods = [("twin (cross-entropy)", [c["twin_samplers"]["test"]["classifier"] for c in cells],
-                    [c["twin"]["train_seconds"] for c in cells]),
-                   ("DiDiCM, best sampler", [c["didicm_samplers"]["test"][c["didicm"]["sampler"]] for c in cells],
-                    [c["didicm"]["train_seconds"] for c in cells]),
-                   ("DiDiCM, cp:8", [c["didicm_samplers"]["test"]["cp:8"] for c in cells
-                                     if "cp:8" in c["didicm_samplers"]["test"]],
-                    [c["didicm"]["train_seconds"] for c in cells])]
-        for name in sorted({m for p in runs for m in p if m.startswith("dc:")}) + ["probe"]:
-            label = {"probe": "diffusion features + linear probe"}.get(name, f"Diffusion Classifier {name}")
-            # a result a later fix invalidated stays in peers.json, marked, but leaves the table
-            valid = [p[name] for p in runs if name in p and "superseded" not in p[name]]
-            methods.append((label, valid, [p["train_seconds"] for p in runs]))
-        for label, scores, seconds in methods:
-            if not scores:
-                continue
-            rows.append({"cell": f"{key[0]} px, ratio {key[1]:g}", "method": label, "seeds": len(scores),
-                         **{m: statistics.fmean(s[m] for s in scores) for m in METRICS},
-                         "test images": int(statistics.fmean(s.get("count", 0) for s in scores)),
-                         "network evals / image": statistics.fmean(s["evaluations_per_image"] for s in scores),
-                         "images / s": statistics.fmean(s["images_per_second"] for s in scores),
-                         "train s": statistics.fmean(seconds),
-                         "eval s": statistics.fmean(s["seconds"] for s in scores)})
-    table = markdown_table(rows, title="generative peers beside DiDiCM and the twin (test split)")
-    commands = sorted({p["command"] for p in peers.values() if "command" in p})
-    if not commands:
-        return table
-    first = {c: next(p for p in peers.values() if p.get("command") == c) for c in commands}
-    return "\n".join([table, "", "Produced by:", ""] + [f"- `{c}` (commit {_short(first[c])})" for c in commands])
-
-
-def _short(record: dict) -> str:
-    return f"`{record.get('commit', 'unknown')[:12]}`, {record.get('device', 'unknown device')}"
-
-
-def _report(spec: dict, cells: list[dict], command: str, figures: list[str]) -> str:
-    groups = _groups(cells)
-    rows, wins = [], 0
-    for (resolution, ratio), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
-        gap = _mean_std([c["didicm"]["top1"] - c["twin"]["top1"] for c in group])
-        nll = _mean_std([c["didicm"]["nll"] - c["twin"]["nll"] for c in group])
-        ece = _mean_std([c["didicm"]["ece"] - c["twin"]["ece"] for c in group])
-        win = gap[0] > 0
-        wins += win
-        rows.append({"resolution": f"{resolution} px", "data ratio": ratio, "seeds": len(group),
-                     "twin top-1": statistics.fmean(c["twin"]["top1"] for c in group),
-                     "DiDiCM top-1": statistics.fmean(c["didicm"]["top1"] for c in group),
-                     "gap (points)": f"{gap[0]:+.2f} ± {gap[1]:.2f}" + (" **win**" if win else ""),
-                     "NLL gap": f"{nll[0]:+.3f}", "ECE gap": f"{ece[0]:+.3f}",
-                     "samplers": ", ".join(sorted({c["didicm"]["sampler"] for c in group}))})
-    lines = [f"# DiDiCM vs its twin on {spec['dataset']}", "",
-             f"Produced by `{command}` at commit `{_cell_commits(cells)}` from `{spec['_path']}` "
-             f"({_devices(cells)}; wall time per cell {_wall(cells)}).", "",
-             f"{len(cells)} finished cells; DiDiCM's mean top-1 is higher in {wins} of {len(groups)} "
-             "(resolution, data ratio) settings. Gaps are DiDiCM minus twin, mean ± std over seeds; DiDiCM uses the "
-             "sampler with the best validation top-1. Negative NLL/ECE gaps favour DiDiCM.", "",
-             markdown_table(rows), "", _fixed_sampler_table(groups, "cp:8"), ""]
-    peers_path = Path(spec["output"]) / "peers.json"
-    if peers_path.exists():
-        lines += [_peers_table(groups, json.loads(peers_path.read_text())), ""]
+def _report(spec: dict, study: dict, figures: list[str]) -> str:
+    summaries = study["summary"]
+    cells = study["cells"]
+    lines = [f"# The uncertainty study on {spec['dataset']}: DiDiCM against the classifiers a user would pick", "",
+             f"Produced by `{study['command']}` from `{spec['_path']}` (protocol `{spec['protocol']}`: "
+             + ("the network sees R x R images, as the official `--input-size R`" if spec["protocol"] == "resize"
+                else "images area-downsampled to R x R and resized back") + ").",
+             f"Commits: {', '.join(f'`{c[:12]}`' for c in study['commits'])}. Devices: {', '.join(study['devices'])}.",
+             f"{len(cells)} of {len(spec['resolutions']) * len(spec['data_ratios']) * len(spec['seeds'])} cells "
+             "have results; a cell lists the arms finished so far.", "",
+             "Every arm trains by one rule: at most the epoch budget, validation after every interval, the weights of "
+             f"the best validation {spec['base'].get('eval', {}).get('select', 'metric')} kept, learning rate decayed "
+             "on plateaus and training stopped by patience. Every row's temperature is fitted on the validation split "
+             "(on its log-probabilities) and calibration is compared after it. DiDiCM's headline row, fixed before any "
+             f"result, is `didicm` ({_headline_label(spec)}); its other samplers are secondary rows. Gaps are DiDiCM minus the other row, "
+             "mean ± std over seeds of the per-seed differences; a gap within two standard deviations (or with one "
+             "seed) is a tie.", "",
+             "Arms: " + "; ".join(f"`{k}`: {v}" for k, v in study["arms"].items() if v) + ".", ""]
+    lines += ["## Findings (generated from study.json)", ""] + _findings(study, _headline_label(spec)) + [""]
+    for summary in summaries:
+        key = f"{summary['resolution']} px, data ratio {summary['data_ratio']:g}"
+        rows = []
+        for row, stats in summary["rows"].items():
+            entry = {"row": row, "seeds": stats["seeds"]}
+            for metric, digits in (("top1", 2), ("nll_ts", 3), ("ece_ts", 3), ("brier_ts", 3), ("nll", 3),
+                                   ("ece", 3), ("aurc", 4), ("acc_at_90", 2), ("auroc_digits_maxprob", 3),
+                                   ("auroc_noise_maxprob", 3)):
+                if metric in stats:
+                    entry[metric] = _fmt(stats[metric], digits)
+            rows.append(entry)
+        lines += [markdown_table(rows, title=f"{key} (test split, mean ± std over seeds)"), ""]
+        if summary["gaps"]:
+            gap_rows = [{"DiDiCM minus": row, **{f"{m} gap": f"{g[m]['mean']:+.3f} ± {g[m]['std']:.3f} ({g[m]['verdict']})"
+                                                   for m in ("top1", "nll_ts", "ece_ts")}}
+                        for row, g in summary["gaps"].items()]
+            lines += [markdown_table(gap_rows, title=f"{key}: gaps (positive top-1 gap, negative NLL/ECE gap: "
+                                                     "DiDiCM better)"), ""]
+    lines += _training_table(cells)
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
-    findings = Path(spec["output"]) / "findings.md"
-    if findings.exists():  # the hand-written reading of these numbers and of the ablations
-        lines += ["", findings.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
+def _headline_label(spec: dict) -> str:
+    """'DiDiCM CP-8' for the headline row's sampler 'cp:8'."""
+    sampler = spec["arms"][HEADLINE]["predict"][HEADLINE]
+    return "DiDiCM " + sampler.split(":")[0].upper() + "-" + ":".join(sampler.split(":")[1:])
+
+
+def _findings(study: dict, headline: str) -> list[str]:
+    """Sentences whose every number is read from the summaries (so the prose cannot drift from the data)."""
+    out = []
+    for summary in study["summary"]:
+        key = f"{summary['resolution']} px, ratio {summary['data_ratio']:g}"
+        gaps = summary["gaps"]
+        if "twin" not in gaps:
+            continue
+        twin = gaps["twin"]
+        best = _best_control(summary)
+        seeds = len(summary["seeds"])
+        text = (f"- **{key}** ({seeds} seed{'s' if seeds > 1 else ''}): {headline} minus twin, top-1 "
+                f"{twin['top1']['mean']:+.2f} ± {twin['top1']['std']:.2f} points ({twin['top1']['verdict']}), "
+                f"NLL after temperature scaling {twin['nll_ts']['mean']:+.3f} ± {twin['nll_ts']['std']:.3f} "
+                f"({twin['nll_ts']['verdict']})")
+        if best and best != "twin":
+            b = gaps[best]
+            text += (f"; against the best control (`{best}`), top-1 {b['top1']['mean']:+.2f} ± {b['top1']['std']:.2f}"
+                     f" ({b['top1']['verdict']}), NLL after scaling {b['nll_ts']['mean']:+.3f} ± "
+                     f"{b['nll_ts']['std']:.3f} ({b['nll_ts']['verdict']})")
+        out.append(text + ".")
+    if not out:
+        out.append("- No cell has both DiDiCM and its twin yet.")
+    return out
+
+
+def _training_table(cells: list[dict]) -> list[str]:
+    rows = []
+    for cell in sorted(cells, key=lambda c: (-c["resolution"], -c["data_ratio"], c["seed"])):
+        for arm, info in cell["arms"].items():
+            epochs, best = info.get("epochs_run"), info.get("best_epoch")
+            rows.append({"cell": _cell_name(cell["resolution"], cell["data_ratio"], cell["seed"]), "arm": arm,
+                         "epochs run": epochs if not isinstance(epochs, list) else "/".join(f"{e:g}" for e in epochs),
+                         "best epoch": best if not isinstance(best, list) else "/".join(f"{b:g}" for b in best),
+                         "converged": info.get("converged"), "train s": info.get("train_seconds"),
+                         "wall s": info.get("wall_seconds"), "device": info.get("device", "")})
+    return [markdown_table(rows, title="Training: epochs run, best validation epoch (the kept weights), and "
+                                       "whether training went past it"), ""]

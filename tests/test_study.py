@@ -1,114 +1,141 @@
-"""The study command on tiny data: the JSON schema, the report, the figures, and cached cells."""
+"""The study on tiny data: every arm trained by one rule, predictions saved, every metric recomputable from
+them, the report generated from the numbers, finished arms cached, and worker processes equal to a serial run."""
 
 import json
+import math
+import re
 
+import numpy as np
+import pytest
+import torch
 import yaml
 
 from didicm.cli import main
+from didicm.study import trajectory_scores
 
+MODEL = {"kwargs": {}}
 STUDY = {
-    "dataset": "digits", "native_resolution": 8, "resolutions": [8, 4], "data_ratios": [1.0, 0.5], "seeds": [0],
-    "samplers": ["cp:1", "cp:2", "cl:2x3"], "cl_limit": 40, "val_limit": 60, "trajectories": 3,
+    "dataset": "digits", "native_resolution": 8, "protocol": "resize", "resolutions": [8, 4],
+    "data_ratios": [0.5], "seeds": [0, 1], "epochs": {0.5: 3}, "cl_limit": 40, "trajectories": 3,
+    "ood": {"count": 50, "noise": 0.5},
     "base": {"data": {"val_size": 0.1},
-             "optim": {"opt": "adamw", "lr": 5e-3, "batch_size": 32, "steps": 15, "warmup_steps": 2},
-             "checkpoint_every": 100},
-    "arms": {"twin": {"model": {"name": "test_resnet"}}, "didicm": {"model": {"name": "didicm:test_resnet"}}},
+             "optim": {"opt": "adamw", "lr": 5e-3, "batch_size": 64, "warmup_steps": 2, "sched": "plateau",
+                       "lr_patience": 1, "patience": 2},
+             "eval": {"select": "nll_ts", "steps": 2, "batch_size": 256},
+             "checkpoint_every": 1000},
+    "arms": {
+        "twin": {"model": {"name": "test_resnet"}, "predict": {"twin": "classifier"}},
+        "twin_aug": {"where": "hard", "model": {"name": "test_resnet"}, "data": {"augment": True},
+                     "predict": {"twin_aug": "classifier", "twin_aug_tta2": "tta:2"}},
+        "ensemble2": {"where": "extremes", "ensemble": {"of": "twin", "members": 2}},
+        "didicm": {"model": {"name": "didicm:test_resnet"}, "trajectory": "didicm",
+                   "predict": {"didicm": "cp:2", "didicm_cp1": "cp:1", "didicm_cl2x3": "cl:2x3"}},
+    },
 }
 
 
-def test_study_writes_cells_json_report_and_figures_then_skips_finished_cells(tmp_path, capsys):
-    spec = dict(STUDY, output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
+def _run(tmp_path, spec, *extra):
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(spec))
-    assert main(["study", str(config), "--no-progress"]) == 0
-    study = json.loads((tmp_path / "results" / "study.json").read_text())
-    assert len(study["cells"]) == 4
+    assert main(["study", str(config), "--no-progress", *extra]) == 0
+    return config
+
+
+def _reference_temperature(probs, labels):
+    """Grid search over T of the NLL of softmax(log p / T): slow and obviously correct."""
+    log_p = np.log(np.clip(probs, 1e-12, None))
+    best = None
+    for t in np.exp(np.linspace(math.log(0.05), math.log(20), 4001)):
+        z = log_p / t
+        z = z - z.max(axis=1, keepdims=True)
+        nll = float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(labels)), labels]))
+        if best is None or nll < best[0]:
+            best = (nll, t)
+    return best[1]
+
+
+def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_saved_predictions(tmp_path, capsys):
+    spec = dict(STUDY, seeds=[0], output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
+    config = _run(tmp_path, spec)
+    out = tmp_path / "results"
+    study = json.loads((out / "study.json").read_text())
+    assert len(study["cells"]) == 2 and study["protocol"] == "resize"
     for cell in study["cells"]:
-        assert cell["resolution"] in (8, 4) and cell["data_ratio"] in (1.0, 0.5) and cell["seed"] == 0
-        for arm in ("twin", "didicm"):
-            assert set(("top1", "nll", "ece", "brier", "sampler", "train_seconds")) <= set(cell[arm])
-            assert 0 <= cell[arm]["top1"] <= 100
-        assert cell["twin"]["sampler"] == "classifier" and cell["didicm"]["sampler"] in ("cp:1", "cp:2")
-        assert cell["didicm_samplers"]["test"]["cl:2x3"]["count"] == 40
-        assert cell["didicm_samplers"]["test"]["cp:2"]["count"] == 360
-        assert cell["didicm_samplers"]["val"]["cp:2"]["count"] == 60
-    report = (tmp_path / "results" / "report.md").read_text()
-    assert "| resolution |" in report and "gap (points)" in report and "4 px" in report
-    for name in ("gap.png", "steps.png", "reliability_hardest.png", "trajectories.png"):
-        assert (tmp_path / "results" / name).read_bytes()[:4] == b"\x89PNG"
+        name = f"res{cell['resolution']}_ratio{cell['data_ratio']:g}_seed{cell['seed']}"
+        arrays = np.load(out / "predictions" / f"{name}.npz")
+        hard = cell["resolution"] == 4  # every cell but the easiest; both cells are extremes here
+        extreme = True
+        expected = {"twin", "didicm", "didicm_cp1", "didicm_cl2x3"} | ({"twin_aug", "twin_aug_tta2"} if hard else set()) \
+            | ({"ensemble2"} if extreme else set())
+        assert set(cell["rows"]) == expected
+        # every arm trained past its best validation, or says it did not
+        for arm, info in cell["arms"].items():
+            if arm.startswith("ensemble"):
+                assert len(info["members"]) == 2 and len(info["epochs_run"]) == 2
+                continue
+            assert info["epochs_run"] >= info["best_epoch"] > 0
+            assert info["converged"] == (info["best_step"] < info["steps_run"])
+        assert cell["arms"]["twin"]["select"] == "nll_ts"
+        test_labels, val_labels = arrays["test_labels"].astype(np.int64), arrays["val_labels"].astype(np.int64)
+        assert len(test_labels) == 360 and 140 <= len(val_labels) <= 146  # 20% of 1,797 held out; 10% of the rest
+        for row, info in cell["rows"].items():
+            test, val = arrays[f"test_{row}"], arrays[f"val_{row}"]
+            assert test.dtype == np.float16 and val.dtype == np.float16
+            n = 40 if row == "didicm_cl2x3" else 360
+            assert test.shape == (n, 10) and info["count"] == n, row
+            p = test.astype(np.float64)
+            p /= p.sum(axis=1, keepdims=True)
+            labels = test_labels[:n]
+            # top-1 and NLL from the arrays, by hand; float16 rounding can tie two classes, and a tie shares the
+            # credit (didicm.metrics' convention)
+            p_true = p[np.arange(n), labels][:, None]
+            credit = np.clip((1 - (p > p_true).sum(1)) / (p == p_true).sum(1), 0, 1)
+            assert info["top1"] == pytest.approx(100 * credit.mean(), abs=1e-9)
+            assert info["nll"] == pytest.approx(np.mean(-np.log(np.clip(p[np.arange(n), labels], 1e-12, None))),
+                                                rel=1e-6)
+            v = val.astype(np.float64)
+            v /= v.sum(axis=1, keepdims=True)
+            assert info["T"] == pytest.approx(_reference_temperature(v, val_labels[:v.shape[0]]), rel=2e-3)
+            for shift in ("digits", "noise"):
+                assert arrays[f"{shift}_{row}"].shape[0] == (40 if row == "didicm_cl2x3" else 50)
+                assert 0 <= info[f"auroc_{shift}_maxprob"] <= 1
+        assert {"aurc_settle", "aurc_path_entropy", "auroc_noise_settle"} <= set(cell["rows"]["didicm"])
+        # the ensemble is the mean of its members' probabilities: its NLL is at most the members' mean NLL
+    report = (out / "report.md").read_text()
+    assert "## Findings (generated from study.json)" in report and "DiDiCM CP-2 minus twin" in report
+    for figure in ("gap_twin.png", "steps.png", "reliability_hardest.png", "trajectories.png"):
+        assert (out / figure).read_bytes()[:4] == b"\x89PNG"
+    # every number in the findings appears in study.json's summaries, rounded as printed
+    findings = report.split("## Findings (generated from study.json)")[1].split("\n\n")[1]
+    values = set()
+    for summary in study["summary"]:
+        values.add(f"{summary['data_ratio']:g}")
+        for gap in summary["gaps"].values():
+            for stat in gap.values():
+                for digits in (2, 3):
+                    values |= {f"{stat['mean']:+.{digits}f}", f"{stat['std']:.{digits}f}"}
+    quoted = re.findall(r"[+-]?\d+\.\d+", findings)
+    assert quoted and all(q in values for q in quoted)
 
-    cells = sorted((tmp_path / "results" / "cells").glob("*.json"))
-    stamps = [p.stat().st_mtime_ns for p in cells]
+    # a second run reads every arm back; a changed arm recipe recomputes that arm only
     capsys.readouterr()
-    assert main(["study", str(config), "--no-progress"]) == 0
-    assert capsys.readouterr().out.count("cached") == 4
-    assert [p.stat().st_mtime_ns for p in cells] == stamps
-
-    # a changed recipe invalidates the cached cells
-    spec["base"]["optim"]["steps"] = 16
-    config.write_text(yaml.safe_dump(spec))
-    assert main(["study", str(config), "--no-progress", "--only", "res4_ratio0.5_seed0"]) == 0
-    assert "recipe changed" in capsys.readouterr().out
+    _run(tmp_path, spec)
+    printed = capsys.readouterr().out
+    assert printed.count(": cached") == sum(len(c["arms"]) for c in study["cells"])
+    spec["arms"]["twin_aug"]["optim"] = {"label_smoothing": 0.1}
+    _run(tmp_path, spec, "--only", "res4_ratio0.5_seed0")
+    printed = capsys.readouterr().out
+    assert "twin_aug: cached" not in printed and "twin: cached" in printed and "didicm: cached" in printed
 
 
-def test_study_jobs_runs_cells_in_worker_processes_and_matches_a_serial_run(tmp_path, capsys):
-    spec = dict(STUDY, resolutions=[8, 4], data_ratios=[1.0], samplers=["cp:2"], trajectories=0)
-    serial = dict(spec, output=str(tmp_path / "serial"), runs=str(tmp_path / "runs_serial"))
-    parallel = dict(spec, output=str(tmp_path / "parallel"), runs=str(tmp_path / "runs_parallel"))
-    for name, values in (("serial", serial), ("parallel", parallel)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(values))
-    assert main(["study", str(tmp_path / "serial.yaml"), "--no-progress"]) == 0
-    assert main(["study", str(tmp_path / "parallel.yaml"), "--no-progress", "--jobs", "2"]) == 0
-    assert "worker 1: res4_ratio1_seed0" in capsys.readouterr().out
-    one = json.loads((tmp_path / "serial" / "study.json").read_text())["cells"]
-    two = json.loads((tmp_path / "parallel" / "study.json").read_text())["cells"]
-    assert len(two) == 2
-    for a, b in zip(one, two, strict=True):  # same seeds, same data: the workers reproduce the serial cells
-        assert a["recipe"] == b["recipe"]
-        for arm in ("twin", "didicm"):
-            assert abs(a[arm]["top1"] - b[arm]["top1"]) <= 1.0
-
-
-def test_study_rejects_unknown_cells_and_bad_job_counts(tmp_path, capsys):
-    spec = dict(STUDY, output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
-    config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(spec))
-    assert main(["study", str(config), "--only", "res3_ratio1_seed0"]) == 2
-    assert "unknown cells ['res3_ratio1_seed0']" in capsys.readouterr().err
-    assert main(["study", str(config), "--jobs", "0"]) == 2
-    assert "--jobs must be at least 1" in capsys.readouterr().err
-
-
-def test_report_shows_the_fixed_sampler_the_generative_peers_and_the_findings(tmp_path):
-    spec = dict(STUDY, resolutions=[8], data_ratios=[1.0], samplers=["cp:2", "cp:8"], trajectories=0,
-                output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
-    config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump(spec))
-    assert main(["study", str(config), "--no-progress"]) == 0
-    scores = {"top1": 90.0, "nll": 0.3, "ece": 0.05, "brier": 0.15, "evaluations_per_image": 40.0, "count": 50,
-              "images_per_second": 10.0, "seconds": 5.0}
-    peers = {"res8_ratio1/seed0": {"resolution": 8, "data_ratio": 1.0, "seed": 0, "train_seconds": 12.0,
-                                   "dc:4": scores, "probe": dict(scores, top1=70.0, evaluations_per_image=1.0)}}
-    (tmp_path / "results" / "peers.json").write_text(json.dumps(peers))
-    (tmp_path / "results" / "findings.md").write_text("## Findings\nDiDiCM and the twin tie here.\n")
-    assert main(["study", str(config), "--no-progress"]) == 0
-    report = (tmp_path / "results" / "report.md").read_text()
-    assert "DiDiCM with cp:8 fixed in advance" in report
-    peer_rows = [line for line in report.splitlines() if line.startswith("| 8 px, ratio 1 |")]
-    assert [row.split("|")[2].strip() for row in peer_rows] == [
-        "twin (cross-entropy)", "DiDiCM, best sampler", "DiDiCM, cp:8", "Diffusion Classifier dc:4",
-        "diffusion features + linear probe"]
-    assert "| 70.00 |" in peer_rows[-1] and "| 90.00 |" in peer_rows[-2]
-    assert report.rstrip().endswith("DiDiCM and the twin tie here.")
-
-
-def test_load_results_merges_parts_and_writes_them_back(tmp_path):
-    from didicm.report import load_results
-
-    out = tmp_path / "all.json"
-    assert load_results(out) == {} and not out.exists()
-    out.write_text(json.dumps({"a": 1}))
-    (tmp_path / "p1.json").write_text(json.dumps({"b": 2}))
-    (tmp_path / "p2.json").write_text(json.dumps({"a": 3, "c": 4}))
-    merged = load_results(out, [tmp_path / "p1.json", tmp_path / "p2.json"])
-    assert merged == {"a": 3, "b": 2, "c": 4} == json.loads(out.read_text())
+def test_trajectory_scores_read_when_the_top_class_settles_and_the_mean_entropy():
+    uniform = torch.full((10,), 0.1)
+    a, b = torch.eye(10)[3], torch.eye(10)[5]
+    trajectory = torch.stack([torch.stack([uniform, a, a, a, a]),        # settled after step 1
+                              torch.stack([uniform, a, b, a, b]),        # changed at the last step
+                              torch.stack([uniform, a, b, b, b])])       # settled at step 2
+    scores = trajectory_scores(trajectory)
+    assert scores["settle"].tolist() == [0.0, 0.75, 0.25]
+    assert scores["path_entropy"].tolist() == [0.0, 0.0, 0.0]
+    smooth = torch.stack([uniform, uniform, a, a, a])[None]
+    assert trajectory_scores(smooth)["path_entropy"].item() == pytest.approx(math.log(10) / 4)
