@@ -11,6 +11,8 @@ Both are registered with timm: ``timm.create_model('didirn50', num_classes=1000)
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -18,7 +20,9 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import GroupNorm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, InputError
 from .layers import (
@@ -34,6 +38,9 @@ from .layers import (
 
 __all__ = ["BasicBlock", "Bottleneck", "DiDiRN", "DiDiRNTwin", "DIDIRN_NAMES", "TWIN_NAMES", "STEMS"]
 
+# FX tracing treats the closed form as one call: its dtype branch would otherwise stop the tracer
+torch.fx.wrap("mean_log_score")
+
 STEMS = ("imagenet", "small")
 STAGE_WIDTHS = (64, 128, 256, 512)
 GROUPS = 32  # GroupNorm groups after the injection (official)
@@ -42,6 +49,21 @@ GROUPS = 32  # GroupNorm groups after the injection (official)
 def _groups(channels: int) -> int:
     # 32 groups as the official net; narrow variants (width < 32) fall back to one channel per group.
     return min(GROUPS, channels)
+
+
+def _device_dtype_kwargs(init):
+    """Give a model constructor timm's ``device``/``dtype`` keywords (timm.create_model passes them).
+
+    Every parameter and buffer is created on ``device`` (torch's device context, so 'meta' allocates nothing);
+    ``dtype`` then applies to the floating-point ones, as ``Module.to`` does.
+    """
+    @functools.wraps(init)
+    def wrapped(self, *args, device=None, dtype=None, **kwargs):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            init(self, *args, **kwargs)
+        if dtype is not None:
+            self.to(dtype=dtype)
+    return wrapped
 
 
 class BasicBlock(nn.Module):
@@ -142,6 +164,8 @@ class _DiDiRNTrunk(nn.Module):
         conditioned_stages: how many of the final stages get the embedding (4: all of them).
     """
 
+    _headless_ok = False  # num_classes=0 (features out, timm's convention): the twin only
+
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  in_chans: int = 3, stem: str = "imagenet", drop_rate: float = 0.0, zero_init_head: bool = True,
                  embed_dim: int | None = None, conditioning: str = "add", width: int = STAGE_WIDTHS[0],
@@ -152,7 +176,7 @@ class _DiDiRNTrunk(nn.Module):
         widths = tuple(int(width) * 2**i for i in range(len(STAGE_WIDTHS)))
         if stem not in STEMS:
             raise ConfigError(f"unknown stem {stem!r}; choose one of {STEMS} ('small' drops the max-pool)")
-        if int(num_classes) != num_classes or num_classes < 2:
+        if int(num_classes) != num_classes or num_classes < 2 and not (self._headless_ok and num_classes == 0):
             raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         if int(in_chans) != in_chans or in_chans < 1:
             raise ConfigError(f"in_chans must be a positive integer, got {in_chans!r}")
@@ -179,14 +203,23 @@ class _DiDiRNTrunk(nn.Module):
             stages.append(nn.ModuleList(blocks))
         self.stages = nn.ModuleList(stages)
         self.num_features = self.head_hidden_size = in_channels
-        self.fc = nn.Linear(in_channels, self.num_classes)
+        self.global_pool = "avg"
+        self.grad_checkpointing = False
+        # timm's feature metadata: the stem's activation, then each stage's output (reduction = input / map side)
+        reduction = 2 if stem == "imagenet" else 1
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="act1")]
+        for index, stage_width in enumerate(widths):
+            reduction *= 2 if index else 1
+            self.feature_info.append(dict(num_chs=stage_width * block.expansion, reduction=reduction,
+                                          module=f"stages.{index}"))
+        self.fc = nn.Linear(in_channels, self.num_classes) if self.num_classes else nn.Identity()
         self._init_weights(zero_init_head)
 
     def _init_weights(self, zero_init_head: bool) -> None:
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        if zero_init_head:
+        if zero_init_head and isinstance(self.fc, nn.Linear):
             nn.init.zeros_(self.fc.weight)
             nn.init.zeros_(self.fc.bias)
 
@@ -196,22 +229,55 @@ class _DiDiRNTrunk(nn.Module):
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, in_chans, H, W] float -> [B, width, H', W'] float, the input of the first stage."""
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
+        return self.maxpool(self._stem_act(x))
+
+    def _stem_act(self, x: torch.Tensor) -> torch.Tensor:
+        # Proxies (FX tracing) are not tensors and skip the check
+        if isinstance(x, torch.Tensor) and (x.ndim != 4 or x.shape[1] != self.in_chans):
             raise InputError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}; "
                              f"set in_chans to the number of image channels")
-        return self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        return self.act1(self.bn1(self.conv1(x)))
 
     def forward_stages(self, out: torch.Tensor, emb: torch.Tensor | None = None, start: int = 0,
                        stop: int | None = None) -> torch.Tensor:
         """Run stages [start, stop) on a feature map; blocks without conditioning ignore ``emb``."""
         for stage in self.stages[start:stop]:
             for block in stage:
-                out = block(out, emb)
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    out = checkpoint(block, out, emb, use_reentrant=False)
+                else:
+                    out = block(out, emb)
         return out
+
+    def _intermediates(self, x: torch.Tensor, emb: torch.Tensor | None, indices, stop_early: bool,
+                       output_fmt: str, intermediates_only: bool):
+        """timm's forward_intermediates on the trunk: taps 0 (stem activation) .. 4 (last stage)."""
+        if output_fmt != "NCHW":
+            raise ConfigError(f"DiDiRN feature maps are NCHW; output_fmt={output_fmt!r} is not supported")
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        intermediates = []
+        out = self._stem_act(x)
+        if 0 in take_indices:
+            intermediates.append(out)
+        out = self.maxpool(out)
+        last = max_index if stop_early else len(self.stages)
+        for index in range(last):
+            out = self.forward_stages(out, emb, index, index + 1)
+            if index + 1 in take_indices:
+                intermediates.append(out)
+        return intermediates if intermediates_only else (out, intermediates)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations (timm API)."""
+        self.grad_checkpointing = enable
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """[B, C, H', W'] feature map -> [B, K] outputs (or the pooled [B, C] features with ``pre_logits``)."""
-        pooled = features.mean(dim=(2, 3))
+        pooled = features.mean(dim=(2, 3)) if self.global_pool == "avg" else features
+        if self.global_pool != "avg" and not isinstance(self.fc, nn.Identity) and not pre_logits:
+            raise ConfigError("global_pool='' gives feature maps, which a linear head cannot take: use "
+                              "num_classes=0 with it, or global_pool='avg'")
         if self.drop_rate:
             pooled = F.dropout(pooled, p=float(self.drop_rate), training=self.training)
         return pooled if pre_logits else self.fc(pooled)
@@ -255,6 +321,7 @@ class DiDiRN(DiffusionClassifier, _DiDiRNTrunk):
             default 256 and 2, as ``BackboneDiDiCM``).
     """
 
+    @_device_dtype_kwargs
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  in_chans: int = 3, stem: str = "imagenet", parametrization: str = "score",
                  conditioning: str = "add", condition_inputs: bool = True, embed_dim: int = 128,
@@ -353,18 +420,39 @@ class DiDiRN(DiffusionClassifier, _DiDiRNTrunk):
         return self._conditioned_outputs(self.encode(x), c, sigma)
 
 
+    def forward_intermediates(self, x: torch.Tensor, c: torch.Tensor, sigma: torch.Tensor | float,
+                              indices: int | list[int] | None = None, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API with the condition: feature maps at ``indices`` (0: stem activation, 1-4: stages) of
+        the network at (c, sigma), and the final map unless ``intermediates_only``."""
+        c, sigma = check_condition(c, sigma, x.shape[0], self.num_classes)
+        emb = self.embed(c, sigma) if getattr(self, "embed", None) is not None else None
+        return self._intermediates(x, emb, indices, stop_early, output_fmt, intermediates_only)
+
 class DiDiRNTwin(_DiDiRNTrunk):
     """The DiDiRN backbone without conditioning, trained as a classifier: forward(x) -> logits [B, K].
 
     Same arguments as ``DiDiRN`` without the diffusion options; the head starts at zero too, so both start
-    from the uniform prediction.
+    from the uniform prediction. As every timm classifier: num_classes=0 returns pooled features, global_pool=''
+    (with num_classes=0) the feature map; ``features_only=True`` in timm.create_model gives the five feature maps
+    of ``forward_intermediates``.
     """
 
+    _headless_ok = True
+
+    @_device_dtype_kwargs
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...], num_classes: int = 1000,
                  in_chans: int = 3, stem: str = "imagenet", drop_rate: float = 0.0, zero_init_head: bool = True,
-                 width: int = STAGE_WIDTHS[0]):
+                 width: int = STAGE_WIDTHS[0], global_pool: str = "avg"):
         super().__init__(block, layers, num_classes=num_classes, in_chans=in_chans, stem=stem, drop_rate=drop_rate,
                          zero_init_head=zero_init_head, embed_dim=None, width=width)
+        self.global_pool = self._check_pool(global_pool)
+
+    @staticmethod
+    def _check_pool(global_pool: str) -> str:
+        if global_pool not in ("avg", ""):
+            raise ConfigError(f"DiDiRN twins pool by averaging ('avg') or not at all (''), got {global_pool!r}")
+        return global_pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> feature map [B, num_features, H', W']."""
@@ -374,12 +462,36 @@ class DiDiRNTwin(_DiDiRNTrunk):
         """x: [B, in_chans, H, W] float -> class logits [B, K] float."""
         return self.forward_head(self.forward_features(x))
 
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False):
+        """timm's feature API: the final feature map and the maps at ``indices`` (0: stem activation, 1-4:
+        stages; an int n takes the last n), or the maps only. ``norm`` is accepted for timm (nothing to apply)."""
+        return self._intermediates(x, None, indices, stop_early, output_fmt, intermediates_only)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last feature map in ``indices`` (timm API); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        for index in range(max_index, len(self.stages)):
+            self.stages[index] = nn.ModuleList()
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if max_index < len(self.stages):
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            prune_head = True  # the head was sized for the last stage
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take_indices
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the linear head (timm API, for fine-tuning); only average pooling is supported."""
-        if global_pool not in (None, "avg"):
-            raise ConfigError(f"DiDiRN twins pool by averaging; global_pool={global_pool!r} is not supported")
+        """Replace the linear head (timm API, for fine-tuning), on the model's device and dtype; global_pool: None
+        keeps the pooling, 'avg' or '' (feature maps, with num_classes=0)."""
+        self.global_pool = self._check_pool(self.global_pool if global_pool is None else global_pool)
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        ref = next(self.parameters())
+        self.fc = nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 \
+            else nn.Identity()
+        self.fc.train(self.training)
 
 
 # ---- timm registration ------------------------------------------------------------------------------------
@@ -412,8 +524,14 @@ def _create(variant: str, pretrained: bool, **kwargs) -> DiDiRN | DiDiRNTwin:
                           f"a didicm checkpoint instead")
     is_twin = variant.endswith("_twin")
     block, layers = _VARIANTS[variant.removesuffix("_twin")]
+    if kwargs.get("features_only") and not is_twin:
+        raise ConfigError(f"features_only needs an image-only network and {variant} also takes (c, sigma): use "
+                          f"{variant}_twin, or call model.forward_intermediates(x, c, sigma)")
     model_cls = DiDiRNTwin if is_twin else DiDiRN
-    return build_model_with_cfg(model_cls, variant, pretrained, block=block, layers=layers, **kwargs)
+    # features_only goes through forward_intermediates (timm's FeatureGetterNet)
+    feature_cfg = dict(feature_cls="getter") if is_twin else None
+    return build_model_with_cfg(model_cls, variant, pretrained, block=block, layers=layers, feature_cfg=feature_cfg,
+                                **kwargs)
 
 
 @register_model
