@@ -178,6 +178,9 @@ def test_ema_weights_are_taken_when_asked(tmp_path, reference):
 
 def test_plain_official_state_dict_loads_by_its_tensors(tmp_path, reference):
     torch.save({f"module.{k}": v for k, v in reference.state_dict().items()}, tmp_path / "w.pth")
+    # timm's CheckpointSaver without args: arch is the class name
+    torch.save({"state_dict": reference.state_dict(), "arch": "didirn"}, tmp_path / "saver.pth.tar")
+    assert didicm.load_model(tmp_path / "saver.pth.tar")[2]["model_name"] == "didirn18"
     model, _, meta = didicm.load_model(tmp_path / "w.pth")
     assert meta["model_name"] == "didirn18" and meta["image_size"] == interop.OFFICIAL_IMAGE_SIZE
     x, c = torch.randn(1, 3, 32, 32), torch.tensor([5])
@@ -295,9 +298,11 @@ def test_export_round_trips_and_matches_the_official_network(tmp_path):
     saved = safe_torch_load(out)
     assert saved["arch"] == "didirn18" and saved["args"].diffusion_enabled and saved["args"].diffusion_steps == 6
     assert saved["args"].input_size == [3, 32, 32] and saved["args"].num_classes == 10
-    # what the official validate.py does: create the official model and load_state_dict(strict=True)
+    # what the official validate.py does: create the official model, then timm's load_checkpoint (strict)
+    import timm.models
+
     ref = RefOfficialDiDiRN()
-    ref.load_state_dict(saved["state_dict"], strict=True)
+    timm.models.load_checkpoint(ref, str(out), use_ema=False, strict=True)
     ref.eval()
     x, c, sigma = torch.randn(2, 3, 32, 32), torch.tensor([3, 8]), torch.tensor([0.2, 2.0])
     with torch.no_grad():
