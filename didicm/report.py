@@ -549,3 +549,28 @@ def plot_gap(axes: Mapping[str, tuple[Sequence, Sequence[float], Sequence[float]
     if title:
         plot.set_title(title)
     return _save(figure, path)
+
+
+def plot_frontier(points: Mapping[str, tuple[float, float, float, float]], path: str | os.PathLike,
+                  title: str | None = None, figsize: tuple[float, float] = (7.0, 4.5), dpi: int = 100) -> Path:
+    """Top-1 (with its seed std) against the cost per image, one labelled point per prediction row.
+
+    Args:
+        points: row name -> (cost per image in twin passes, top-1 mean, top-1 std, NLL after temperature scaling);
+            the NLL is printed beside each label.
+    """
+
+    figure = Figure(figsize=figsize)
+    axis = figure.add_subplot(1, 1, 1)
+    for name, (cost, top1, std, nll) in points.items():
+        colour = "C1" if name.startswith("didicm") else "C0"
+        axis.errorbar([cost], [top1], yerr=[std], fmt="o", color=colour, capsize=3)
+        axis.annotate(f"{name} ({nll:.3f})", (cost, top1), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    axis.set_xscale("log", base=2)
+    axis.set_xlabel("cost per image (passes of the twin, counted FLOPs)")
+    axis.set_ylabel("top-1 accuracy (%); NLL after temperature scaling in brackets")
+    axis.grid(alpha=0.3)
+    if title:
+        axis.set_title(title, fontsize=10)
+    figure.tight_layout()
+    return _save(figure, path)

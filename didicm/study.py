@@ -48,7 +48,7 @@ from .metrics import (
 )
 from .report import markdown_table, plot_accuracy_vs_steps, plot_gap, plot_reliability, plot_trajectories_grid, write_json
 
-__all__ = ["load_study", "run_study", "aggregate", "arm_metrics", "trajectory_scores", "HEADLINE"]
+__all__ = ["load_study", "run_study", "aggregate", "arm_metrics", "trajectory_scores", "row_costs", "HEADLINE"]
 
 HEADLINE = "didicm"  # the pre-registered DiDiCM row: CP-8 (the config's didicm arm), chosen before any result
 REPORTED = ("top1", "nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "aurc", "acc_at_90")
@@ -506,7 +506,8 @@ def _summaries(spec: dict, cells: list[dict]) -> list[dict]:
     for (resolution, ratio), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
         rows = sorted({r for c in group for r in c["rows"]})
         summary = {"resolution": resolution, "data_ratio": ratio, "seeds": sorted(c["seed"] for c in group),
-                   "rows": {}, "gaps": {}}
+                   "rows": {}, "gaps": {},
+                   "_rows": [{r: {"arm": i["arm"], "sampler": i["sampler"]} for r, i in c["rows"].items()} for c in group]}
         for row in rows:
             present = [c for c in group if row in c["rows"]]
             summary["rows"][row] = {"seeds": len(present), **{
@@ -556,9 +557,13 @@ def aggregate(spec: dict, command: str) -> dict:
              "devices": sorted({a.get("device", "unknown") for c in cells for a in c["arms"].values()
                                 if "device" in a}),
              "cells": light, "summary": summaries}
+    frontier, frontier_figures = _frontier(spec, summaries, out)
+    for summary in summaries:
+        summary.pop("_rows")
     write_json(out / "study.json", study)
     figures = _figures(spec, cells, summaries, out)
-    (out / "report.md").write_text(_report(spec, study, figures))
+    (out / "report.md").write_text(_report(spec, study, figures, frontier + [f"![{Path(f).stem}]({Path(f).name})"
+                                                                            for f in frontier_figures]))
     return study
 
 
@@ -611,6 +616,82 @@ def _figures(spec: dict, cells: list[dict], summaries: list[dict], out: Path) ->
     return figures
 
 
+def _flops(fn, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def row_costs(spec: dict, resolution: int, rows: dict) -> dict[str, float]:
+    """Each row's prediction cost per image in passes of the twin, by counted FLOPs at the cell's input size:
+    the label-independent part (``encode``) once, the conditioned part (``score``) once per CP step (once per step
+    and chain for CL); an ensemble of M costs M, S-view TTA costs S, the mean read-out one pass."""
+    from .models import create
+
+    in_chans = 1 if spec["dataset"] in ("fashion-mnist", "digits") else 3
+    size = parse_degradation(_degradation(spec, resolution)).output_size(spec["native_resolution"]) \
+        if spec["protocol"] == "resize" else spec["native_resolution"]
+    x = torch.zeros(1, in_chans, size, size)
+
+    def build(arm: str):
+        model = spec["arms"][arm].get("model", {})
+        kwargs = merge_dicts(spec["base"].get("model", {}).get("kwargs", {}), model.get("kwargs", {}))
+        return create(model["name"], num_classes=10, in_chans=in_chans, **kwargs).eval()
+
+    twin = _flops(build("twin"), x)
+    costs = {}
+    for row, info in rows.items():
+        arm, sampler = info["arm"], info["sampler"]
+        if "ensemble" in spec["arms"][arm]:
+            costs[row] = float(spec["arms"][arm]["ensemble"]["members"])
+            continue
+        parsed = parse_sampler(sampler)
+        model = build(arm)
+        if parsed.kind in ("cp", "cl"):
+            z = model.encode(x)
+            calls = parsed.steps * (parsed.chains if parsed.kind == "cl" else 1)
+            score = _flops(model.score, z, torch.zeros(1, dtype=torch.long), torch.ones(1))
+            costs[row] = (_flops(model.encode, x) + calls * score) / twin
+        elif parsed.kind == "mean":
+            costs[row] = _flops(model.clean_logits, x) / twin
+        elif parsed.kind == "tta":
+            costs[row] = parsed.steps * _flops(model, x) / twin
+        else:
+            costs[row] = _flops(model, x) / twin
+    return costs
+
+
+def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], list[str]]:
+    """Top-1 and temperature-scaled NLL against cost per image in the hardest and the easiest setting."""
+    from .report import plot_frontier
+
+    lines, figures = [], []
+    keys = [(min(spec["resolutions"]), min(spec["data_ratios"])), (max(spec["resolutions"]), max(spec["data_ratios"]))]
+    for summary in summaries:
+        key = (summary["resolution"], summary["data_ratio"])
+        if key not in keys:
+            continue
+        rows = {}
+        for cell_rows in summary.get("_rows", []):
+            rows.update(cell_rows)
+        costs = row_costs(spec, key[0], rows)
+        table, points = [], {}
+        for row, stats in sorted(summary["rows"].items(), key=lambda kv: costs.get(kv[0], 0)):
+            if "nll_ts" not in stats or row not in costs:
+                continue
+            table.append({"row": row, "cost (twin passes, FLOPs)": round(costs[row], 2),
+                          "top1": _fmt(stats["top1"]), "nll_ts": _fmt(stats["nll_ts"], 3), "seeds": stats["seeds"]})
+            points[row] = (costs[row], stats["top1"]["mean"], stats["top1"]["std"], stats["nll_ts"]["mean"])
+        title = f"{key[0]} px, data ratio {key[1]:g}"
+        lines += [markdown_table(table, title=f"Accuracy-compute frontier, {title} (test split, mean ± std over "
+                                              "seeds; cost per image in passes of the twin, by counted FLOPs)"), ""]
+        name = f"frontier_res{key[0]}_ratio{key[1]:g}.png"
+        figures.append(str(plot_frontier(points, out / name, title=f"frontier: {title}")))
+    return lines, figures
+
+
 def _best_control(summary: dict) -> str | None:
     """The control row with the best mean test top-1 in this setting (chosen on test: an upper bound on what a
     user choosing on validation would get, so the comparison is against the strongest control)."""
@@ -622,7 +703,7 @@ def _fmt(stat: dict, digits: int = 2) -> str:
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
 
 
-def _report(spec: dict, study: dict, figures: list[str]) -> str:
+def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) -> str:
     summaries = study["summary"]
     cells = study["cells"]
     lines = [f"# The uncertainty study on {spec['dataset']}: DiDiCM against the classifiers a user would pick", "",
@@ -659,7 +740,7 @@ def _report(spec: dict, study: dict, figures: list[str]) -> str:
                         for row, g in summary["gaps"].items()]
             lines += [markdown_table(gap_rows, title=f"{key}: gaps (positive top-1 gap, negative NLL/ECE gap: "
                                                      "DiDiCM better)"), ""]
-    lines += _training_table(cells)
+    lines += ["## The accuracy-compute frontier", ""] + frontier + [""] + _training_table(cells)
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
 
