@@ -143,3 +143,33 @@ def test_eval_refuses_a_checkpoint_for_another_class_count(digits_run, tmp_path,
     _write_folder_dataset(tmp_path / "two")
     assert main(["eval", str(digits_run), "--dataset", f"folder:{tmp_path / 'two'}", "--split", "val"]) == 2
     assert "classes" in capsys.readouterr().err
+
+
+def test_eval_names_a_mismatched_data_set(digits_run, tmp_path, capsys):
+    _write_folder_dataset(tmp_path / "rgb")
+    assert main(["eval", str(digits_run), "--dataset", f"folder:{tmp_path / 'rgb'}", "--split", "val"]) == 2
+    err = capsys.readouterr().err
+    assert "mismatched data set" in err and "grey" in err and "RGB" in err and err.count("\n") == 1
+
+
+def test_predict_plot_without_steps_is_refused_before_any_output(digits_run, tmp_path, capsys):
+    path = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(path)
+    plot = tmp_path / "p.png"
+    assert main(["predict", str(digits_run), str(path), "--sampler", "cl:2x2", "--plot", str(plot)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "--plot" in out.err and not plot.exists()
+
+
+def test_tta_runs_from_the_cli_and_warnings_are_one_line(tmp_path):
+    import warnings
+
+    out = tmp_path / "twin"
+    assert main(["train", "--model", "test_resnet", "--dataset", "digits", "--output", str(out), *TRAIN]) == 0
+    results = tmp_path / "e.json"
+    assert main(["eval", str(out), "--sampler", "classifier", "--sampler", "tta:3", "--limit", "64",
+                 "--no-progress", "--json", str(results)]) == 0
+    tta = json.loads(results.read_text())["results"]["tta:3"]
+    assert tta["evaluations_per_image"] == 3 and tta["count"] == 64
+    assert warnings.formatwarning("skipped 1 file", UserWarning, "x.py", 3, "source") == \
+        "didicm: warning: skipped 1 file\n"
