@@ -15,7 +15,7 @@ from .errors import ConfigError
 from .models.layers import unwrap_model
 
 __all__ = ["draw_times", "draw_noise", "diffusion_loss", "cross_entropy_loss", "noisy_label_cross_entropy",
-           "epsilon_loss"]
+           "epsilon_loss", "heldout_epsilon_loss"]
 
 
 def draw_times(batch: int, t_min: float, sampling: str, generator: torch.Generator | None = None,
@@ -123,4 +123,22 @@ def epsilon_loss(model, images: torch.Tensor, targets: torch.Tensor) -> torch.Te
     drop = torch.rand(batch, device=images.device) < inner.label_dropout
     labels = torch.where(drop, torch.full_like(targets, inner.null_class), targets)
     predicted = model(inner.add_noise(images, t, noise), t, labels)
+    return (predicted.float() - noise.float()).pow(2).flatten(1).mean(1)
+
+
+@torch.no_grad()
+def heldout_epsilon_loss(model, images: torch.Tensor, targets: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The generative model's denoising loss on held-out images, per image [B]: the quantity its Diffusion
+    Classifier compares across classes (||eps - eps_theta(x_t, t, c)||^2), with the true label and no label
+    dropout. t is stratified over the chain (one of B equal strata per image, in random order) and (t, eps)
+    come from ``generator``, so two validations with the same seed score the same draws and their difference
+    reflects the weights only."""
+    inner = unwrap_model(model)
+    batch = images.shape[0]
+    strata = torch.randperm(batch, generator=generator, device=images.device)
+    offset = torch.rand(batch, generator=generator, device=images.device)
+    t = ((strata + offset) / batch * inner.timesteps).long().clamp(0, inner.timesteps - 1)
+    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    predicted = model(inner.add_noise(images, t, noise), t, targets)
     return (predicted.float() - noise.float()).pow(2).flatten(1).mean(1)

@@ -24,8 +24,10 @@ from .metrics import apply_temperature, classification_metrics, fit_temperature
 
 __all__ = ["SELECT_METRICS", "selection_scores", "Selection"]
 
-# name -> True when higher is better
-SELECT_METRICS = {"nll_ts": False, "nll": False, "top1": True}
+# name -> True when higher is better. 'loss' is the generative 'unet' model's held-out denoising loss (see
+# didicm.objectives.heldout_epsilon_loss): its Diffusion Classifier costs K x draws passes per image, too much to
+# run at every validation, so it is selected on the quantity it is trained on, scored on validation images
+SELECT_METRICS = {"nll_ts": False, "nll": False, "top1": True, "loss": False}
 
 
 def selection_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -76,7 +78,7 @@ class Selection:
                 self.since_decay = 0
         self.history.append({"step": step, "epoch": round(epoch, 4), "lr_scale": self.lr_scale,
                              **{k: round(float(v), 6) for k, v in scores.items()
-                                if k in ("top1", "nll", "nll_ts", "ece", "ece_ts", "T")}})
+                                if k in ("top1", "nll", "nll_ts", "ece", "ece_ts", "T", "loss")}})
         return improved
 
     @property

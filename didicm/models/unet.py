@@ -9,6 +9,7 @@ diffusers is an optional dependency: ``pip install didicm[peers]``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError
@@ -30,7 +31,9 @@ class ConditionalUNet(nn.Module):
 
     Args:
         num_classes: K (>= 2). in_chans: image channels.
-        channels: output channels of each resolution level; image sides must be divisible by 2^(levels-1).
+        channels: output channels of each resolution level. Images whose sides are not multiples of
+            2^(levels-1) are zero-padded to the next multiple inside ``forward`` and the prediction cropped back
+            (the study's 14 and 7 px inputs under the paper's resize protocol: 14 -> 16, 7 -> 8 at 3 levels).
         layers_per_block: ResNet blocks per level. norm_groups: GroupNorm groups (must divide every width).
         timesteps: T of the DDPM chain. beta_schedule: diffusers' name ('linear', 'squaredcos_cap_v2', ...).
         label_dropout: probability of replacing the label by the null class in training.
@@ -69,10 +72,6 @@ class ConditionalUNet(nn.Module):
     def check_images(self, images: torch.Tensor) -> None:
         if images.ndim != 4 or images.shape[1] != self.in_chans:
             raise InputError(f"expected images [B, {self.in_chans}, H, W], got {tuple(images.shape)}")
-        side = 2 ** (self.levels - 1)
-        if images.shape[2] % side or images.shape[3] % side:
-            raise InputError(f"image sides {tuple(images.shape[2:])} must be divisible by {side} for a "
-                             f"{self.levels}-level UNet; resize the data (data.image_size)")
 
     def add_noise(self, images: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with t [B] integer timesteps."""
@@ -84,7 +83,17 @@ class ConditionalUNet(nn.Module):
         if labels.min() < 0 or labels.max() > self.num_classes:
             raise InputError(f"labels must lie in 0..{self.num_classes} (K = {self.num_classes} is the null "
                              f"class), got {labels.min().item()}..{labels.max().item()}")
-        return self.unet(noisy, t, class_labels=labels).sample
+        # diffusers' UNet halves the sides levels-1 times and concatenates skips of equal size, so other sizes
+        # are padded with zeros (outside the image, in x_t space) and the prediction is cropped back: the loss and
+        # the Diffusion Classifier's errors only ever see the image's own pixels
+        side = 2 ** (self.levels - 1)
+        height, width = noisy.shape[-2:]
+        pad_h, pad_w = -height % side, -width % side
+        if not pad_h and not pad_w:
+            return self.unet(noisy, t, class_labels=labels).sample
+        top, left = pad_h // 2, pad_w // 2
+        padded = F.pad(noisy, (left, pad_w - left, top, pad_h - top))
+        return self.unet(padded, t, class_labels=labels).sample[..., top:top + height, left:left + width]
 
     def feature_modules(self) -> dict[str, nn.Module]:
         """The blocks whose (pooled) activations the linear probe may use, from input to output."""
