@@ -22,10 +22,16 @@ SMALL_IMAGE_RECIPE = {
 }
 
 
+# filled together or not at all: an optimizer setting mixed into someone else's recipe is a recipe nobody tested
+# (AdamW's weight decay 0.05 under a user's lr 5e-3 stops a 40-step run from learning)
+TOGETHER = ("optim.opt", "optim.lr", "optim.weight_decay", "optim.warmup_steps", "diffusion.t_sampling")
+
+
 def fit_to_data(values: dict, image_size: int) -> tuple[dict, list[str]]:
     """``values`` (a config as nested dicts) with SMALL_IMAGE_RECIPE filled in where unset, if the images are small.
 
-    Model options are filled only for DiDiRN networks and twins (the names that take ``width`` and ``stem``).
+    Model options (``stem``, ``width``) are filled one by one, only for DiDiRN networks and twins (the names that
+    take them); ``optim.steps`` and ``optim.batch_size`` one by one; the keys of TOGETHER only if none of them is set.
     Returns:
         (new values, the dotted keys filled, e.g. ['model.kwargs.width', 'optim.opt']).
     """
@@ -33,6 +39,12 @@ def fit_to_data(values: dict, image_size: int) -> tuple[dict, list[str]]:
     filled: list[str] = []
     if image_size > SMALL_IMAGE_SIZE:
         return out, filled
+
+    def is_set(dotted: str) -> bool:
+        section, key = dotted.split(".")
+        return key in (out.get(section) or {})
+
+    together = not any(is_set(dotted) for dotted in TOGETHER)
     for section, defaults in SMALL_IMAGE_RECIPE.items():
         if section == "model":
             model = out.setdefault("model", {})
@@ -46,7 +58,8 @@ def fit_to_data(values: dict, image_size: int) -> tuple[dict, list[str]]:
             continue
         node = out.setdefault(section, {})
         for key, value in defaults.items():
-            if key not in node:
+            dotted = f"{section}.{key}"
+            if key not in node and (together or dotted not in TOGETHER):
                 node[key] = value
-                filled.append(f"{section}.{key}")
+                filled.append(dotted)
     return out, filled

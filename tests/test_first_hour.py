@@ -69,3 +69,15 @@ def test_log_csv_stays_one_row_per_step_across_a_resume(tmp_path, capsys):
     assert steps == [10, 20]
     first = capsys.readouterr().out.splitlines()[0]  # the start-up line: model, size, steps, device
     assert "didirn18_twin (width 4, stem small)" in first and "input 1x8x8" in first and "20 steps of 16" in first
+
+
+def test_small_images_get_the_recipe_only_where_nothing_was_set():
+    from didicm.recipes import fit_to_data
+
+    values, filled = fit_to_data({"data": {"dataset": "digits"}}, 8)
+    assert values["model"]["kwargs"] == {"stem": "small", "width": 16} and values["optim"]["opt"] == "adamw"
+    assert "diffusion.t_sampling" in filled
+    # a user's optimizer keeps its own settings: nothing of the optimizer group is mixed in
+    values, filled = fit_to_data({"optim": {"lr": 5e-3, "steps": 40}, "model": {"name": "didicm:resnet18"}}, 8)
+    assert filled == ["optim.batch_size"] and "kwargs" not in values["model"]
+    assert fit_to_data({}, 224) == ({}, [])
