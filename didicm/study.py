@@ -31,12 +31,11 @@ import yaml
 
 from .config import config_from_dict, merge_dicts
 from .data import create_dataset
-from .data.memory import InMemoryDataset
 from .data.degradations import parse_degradation
+from .data.memory import InMemoryDataset
 from .errors import ConfigError, DidicmError
 from .evaluation import collect_probs, parse_sampler
 from .files import atomic_write_bytes
-from .loader import eval_batches
 from .metrics import (
     _aurc_from,
     accuracy_at_coverage,
@@ -46,7 +45,14 @@ from .metrics import (
     fit_temperature,
     reliability_bins,
 )
-from .report import markdown_table, plot_accuracy_vs_steps, plot_gap, plot_reliability, plot_trajectories_grid, write_json
+from .report import (
+    markdown_table,
+    plot_accuracy_vs_steps,
+    plot_gap,
+    plot_reliability,
+    plot_trajectories_grid,
+    write_json,
+)
 
 __all__ = ["load_study", "run_study", "aggregate", "arm_metrics", "trajectory_scores", "row_costs", "HEADLINE"]
 
@@ -226,7 +232,8 @@ def trajectory_scores(trajectory: torch.Tensor) -> dict[str, torch.Tensor]:
     steps = trajectory.shape[1] - 1
     top = trajectory[:, 1:].argmax(dim=2)  # [N, S]
     differs = top != top[:, -1:]
-    last_change = torch.where(differs.any(dim=1), steps - differs.flip(1).int().argmax(dim=1), torch.zeros_like(top[:, 0]))
+    last_change = torch.where(differs.any(dim=1), steps - differs.flip(1).int().argmax(dim=1),
+                              torch.zeros_like(top[:, 0]))
     p = trajectory[:, 1:].clamp_min(0)
     entropy = -torch.special.xlogy(p, p).sum(dim=2).mean(dim=1)
     return {"settle": last_change.float() / steps, "path_entropy": entropy}
@@ -385,8 +392,9 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
             for split, p in summed.items():
                 arrays[f"{split}_{arm_name}"] = p.astype(np.float16)
             arm_record.update(members=trained, train_seconds=round(seconds, 2), model=trained[0]["model"],
-                              epochs_run=[m["epochs_run"] for m in trained], best_epoch=[m["best_epoch"] for m in trained],
-                              converged=all(m["converged"] for m in trained))
+                              epochs_run=[m["epochs_run"] for m in trained],
+                              best_epoch=[m["best_epoch"] for m in trained],
+                              converged=all(m["converged"] for m in trained), device=_device_label(device))
             record["rows"][arm_name] = {"arm": arm_name, "sampler": f"ensemble of {members}",
                                         "evaluations_per_image": members}
         else:
@@ -396,6 +404,8 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
             device = next(model.parameters()).device
             augment = test_set.batch_augment()
             for row, sampler in arm["predict"].items():
+                log(f"[{name}] {arm_name}: predicting {row} ({sampler}) on "
+                    + ", ".join(f"{len(v[1])} {k}" for k, v in splits.items()) + " images")
                 eval_started = time.perf_counter()
                 with_trajectory = arm.get("trajectory") == row
                 probs, signals, speed = _predict_row(model, diffusion, sampler, splits, device, seed,
@@ -412,8 +422,9 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
             if arm.get("trajectory") and diffusion is not None and spec.get("trajectories"):
                 count = int(spec["trajectories"])
                 images, labels = splits["test"][0][:count].to(device), splits["test"][1][:count]
-                _, traj = collect_probs(model, [(images, labels.to(device))], parse_sampler(arm["predict"][arm["trajectory"]]),
-                                        diffusion, seed=seed, return_trajectory=True)[0::2]
+                sampler = parse_sampler(arm["predict"][arm["trajectory"]])
+                _, traj = collect_probs(model, [(images, labels.to(device))], sampler, diffusion, seed=seed,
+                                        return_trajectory=True)[0::2]
                 unnormalised = images.cpu() * torch.tensor(test_set.std).view(-1, 1, 1) + \
                     torch.tensor(test_set.mean).view(-1, 1, 1)
                 record["trajectories"] = {"images": unnormalised.tolist(), "labels": labels.tolist(),
@@ -507,7 +518,8 @@ def _summaries(spec: dict, cells: list[dict]) -> list[dict]:
         rows = sorted({r for c in group for r in c["rows"]})
         summary = {"resolution": resolution, "data_ratio": ratio, "seeds": sorted(c["seed"] for c in group),
                    "rows": {}, "gaps": {},
-                   "_rows": [{r: {"arm": i["arm"], "sampler": i["sampler"]} for r, i in c["rows"].items()} for c in group]}
+                   "_rows": [{r: {"arm": i["arm"], "sampler": i["sampler"]} for r, i in c["rows"].items()}
+                             for c in group]}
         for row in rows:
             present = [c for c in group if row in c["rows"]]
             summary["rows"][row] = {"seeds": len(present), **{
@@ -590,9 +602,10 @@ def _figures(spec: dict, cells: list[dict], summaries: list[dict], out: Path) ->
             label = "twin" if against == "twin" else "the best control in each cell"
             figures.append(str(plot_gap(axes, out / f"gap_{against}.png", title=f"{_headline_label(spec)} - {label}",
                                         ylabel=f"top-1 gap, DiDiCM - {label} (points)")))
-    hardest = min(((c["resolution"], c["data_ratio"]) for c in cells))
+    hardest = min((c["resolution"], c["data_ratio"]) for c in cells)
     cell = next(c for c in cells if (c["resolution"], c["data_ratio"]) == hardest)
-    cp = sorted((r for r, info in cell["rows"].items() if info["arm"] == HEADLINE and info["sampler"].startswith("cp:")),
+    cp = sorted((r for r, info in cell["rows"].items()
+                 if info["arm"] == HEADLINE and info["sampler"].startswith("cp:")),
                 key=lambda r: int(cell["rows"][r]["sampler"].split(":")[1]))
     if len(cp) >= 2:
         curves = {"DiDiCM CP": ([int(cell["rows"][r]["sampler"].split(":")[1]) for r in cp],
@@ -606,7 +619,8 @@ def _figures(spec: dict, cells: list[dict], summaries: list[dict], out: Path) ->
         for row, label in (("twin", "twin"), (HEADLINE, _headline_label(spec))):
             info = cell["rows"][row]
             probs = apply_temperature(_as_saved(arrays[f"test_{row}"]), info["T"])
-            bins[f"{label} (T = {info['T']:.2f})"] = reliability_bins(probs, torch.as_tensor(arrays["test_labels"]).long())
+            labels = torch.as_tensor(arrays["test_labels"]).long()
+            bins[f"{label} (T = {info['T']:.2f})"] = reliability_bins(probs, labels)
         figures.append(str(plot_reliability(bins, out / "reliability_hardest.png",
                                             title=f"after temperature scaling: {hardest[0]} px, ratio {hardest[1]:g}")))
     if "trajectories" in cell:
@@ -717,7 +731,8 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
              f"the best validation {spec['base'].get('eval', {}).get('select', 'metric')} kept, learning rate decayed "
              "on plateaus and training stopped by patience. Every row's temperature is fitted on the validation split "
              "(on its log-probabilities) and calibration is compared after it. DiDiCM's headline row, fixed before any "
-             f"result, is `didicm` ({_headline_label(spec)}); its other samplers are secondary rows. Gaps are DiDiCM minus the other row, "
+             f"result, is `didicm` ({_headline_label(spec)}); its other samplers are secondary rows. Gaps are "
+             "DiDiCM minus the other row, "
              "mean ± std over seeds of the per-seed differences; a gap within two standard deviations (or with one "
              "seed) is a tie.", "",
              "Arms: " + "; ".join(f"`{k}`: {v}" for k, v in study["arms"].items() if v) + ".", ""]
@@ -735,8 +750,9 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
             rows.append(entry)
         lines += [markdown_table(rows, title=f"{key} (test split, mean ± std over seeds)"), ""]
         if summary["gaps"]:
-            gap_rows = [{"DiDiCM minus": row, **{f"{m} gap": f"{g[m]['mean']:+.3f} ± {g[m]['std']:.3f} ({g[m]['verdict']})"
-                                                   for m in ("top1", "nll_ts", "ece_ts")}}
+            gap_rows = [{"DiDiCM minus": row,
+                         **{f"{m} gap": f"{g[m]['mean']:+.3f} ± {g[m]['std']:.3f} ({g[m]['verdict']})"
+                            for m in ("top1", "nll_ts", "ece_ts")}}
                         for row, g in summary["gaps"].items()]
             lines += [markdown_table(gap_rows, title=f"{key}: gaps (positive top-1 gap, negative NLL/ECE gap: "
                                                      "DiDiCM better)"), ""]
