@@ -80,9 +80,13 @@ def diffusion_from_config(diffusion_cfg: dict, num_classes: int) -> UniformDiffu
 
 
 def default_eval_specs(model, eval_cfg) -> list[SamplerSpec]:
-    """The sampler of the config for DiDiCM models; the softmax for classifiers; the Diffusion Classifier with
-    GENERATIVE_EVAL_DRAWS draws for the generative peer."""
+    """The sampler of the config for DiDiCM models; the softmax for classifiers; for the generative peer, the
+    Diffusion Classifier with eval.steps draws per class when eval.sampler is 'dc' (eval.mode 'adaptive' for
+    the adaptive variant), else GENERATIVE_EVAL_DRAWS."""
     if model_zoo.is_generative_model(model):
+        if eval_cfg["sampler"] == "dc":
+            return [SamplerSpec("dc", steps=eval_cfg["steps"],
+                                mode="adaptive" if eval_cfg["mode"] == "adaptive" else "full")]
         return [SamplerSpec("dc", steps=GENERATIVE_EVAL_DRAWS, mode="full")]
     if not model_zoo.is_diffusion_model(model):
         return [SamplerSpec("classifier")]

@@ -37,7 +37,6 @@ from ..evaluation import evaluate
 from ..loader import TrainStream, eval_batches, mix_seed, seed_all
 from ..metrics import MetricAccumulator
 from ..runtime import (
-    GENERATIVE_EVAL_DRAWS,
     GENERATIVE_EVAL_IMAGES,
     apply_init,
     build_model,
@@ -51,7 +50,7 @@ from ..runtime import (
 from ..selection import Selection, selection_scores
 from .checkpointing import restore, save_model, save_state
 from .one_step import LrSchedule, Updater
-from .validation import validate
+from .validation import validate, validation_loss
 
 __all__ = ["TrainResult", "train"]
 
@@ -154,6 +153,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if is_generative and (o.noisy_labels or o.mixup > 0 or o.cutmix > 0 or o.label_smoothing > 0):
         raise ConfigError("the generative 'unet' model trains on hard labels with the epsilon loss: set "
                           "optim.noisy_labels=false, optim.mixup=0, optim.cutmix=0, optim.label_smoothing=0")
+    if cfg.eval.select == "loss" and not is_generative:
+        raise ConfigError("eval.select 'loss' (the held-out denoising loss) is for the generative 'unet' model; "
+                          "select classifiers and DiDiCM on their predictions: nll_ts, nll or top1")
+    if cfg.eval.sampler == "dc" and not is_generative:
+        raise ConfigError("eval.sampler 'dc' (the Diffusion Classifier) is for the generative 'unet' model only")
     # the noisy-label control arm draws its label noise from the same schedule as DiDiCM
     diffusion = diffusion_from_config(cfg.to_dict()["diffusion"], num_classes) \
         if is_diffusion or o.noisy_labels else None
@@ -170,7 +174,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     selection = Selection(cfg.eval.select, o.patience, o.lr_patience, o.lr_decay) if cfg.eval.select else None
     plateau = o.sched == "plateau"
     schedule = None if plateau else LrSchedule(optimizer, cfg, steps_per_epoch, total_steps, warmup_steps, lr)
-    ema = ModelEmaV3(model, decay=o.ema_decay) if o.ema_decay else None
+    ema = ModelEmaV3(model, decay=o.ema_decay, use_warmup=o.ema_warmup, warmup_power=o.ema_warmup_power) \
+        if o.ema_decay else None
     mix = o.mixup > 0 or o.cutmix > 0
     mixup = Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, prob=o.mixup_prob, switch_prob=o.mixup_switch_prob,
                   mode=o.mixup_mode, label_smoothing=o.label_smoothing, num_classes=num_classes) if mix else None
@@ -255,11 +260,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         do_validate = selection is not None and (step % interval == 0 or step == total_steps)
         if do_validate:  # every rank predicts its shard; all see the same scores and stop together
             current = ema.module if ema is not None else model
-            probs, labels = validate(current, val_set, val_specs[0], diffusion, batch_size=cfg.eval.batch_size,
-                                     device=device, seed=cfg.seed, rank=rank, world=world,
-                                     num_workers=d.num_workers, amp_dtype=amp_dtype)
+            if cfg.eval.select == "loss":  # the generative model: one pass per image instead of K x draws
+                losses = validation_loss(current, val_set, batch_size=cfg.eval.batch_size, device=device,
+                                         seed=cfg.seed, rank=rank, world=world, num_workers=d.num_workers,
+                                         amp_dtype=amp_dtype)
+                scores = {"loss": losses.mean().item()}
+            else:
+                probs, labels = validate(current, val_set, val_specs[0], diffusion, batch_size=cfg.eval.batch_size,
+                                         device=device, seed=cfg.seed, rank=rank, world=world,
+                                         num_workers=d.num_workers, amp_dtype=amp_dtype)
+                scores = selection_scores(probs, labels)
             train_model.train()
-            scores = selection_scores(probs, labels)
             improved = selection.update(step, stream.epoch_of(step), scores)
             if main:
                 if improved:
@@ -305,12 +316,15 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             if is_generative:  # fit the probability scale on some validation images, report on others
                 images, labels = next(iter(eval_batches(val_set, 2 * GENERATIVE_EVAL_IMAGES, device)))
                 fit = min(GENERATIVE_EVAL_IMAGES, len(labels) // 2)
-                peers.calibrate_error_scale(final, [(images[:fit], labels[:fit])], GENERATIVE_EVAL_DRAWS,
-                                            seed=cfg.seed)
+                # with the draws it will predict with (eval.sampler dc, eval.steps): the scale that fits 10 draws
+                # is too soft for 100, whose errors are less noisy
+                draws, adaptive = specs[0].steps, specs[0].mode == "adaptive"
+                peers.calibrate_error_scale(final, [(images[:fit], labels[:fit])], draws, seed=cfg.seed,
+                                            adaptive=adaptive)
                 batches = [(images[fit:], labels[fit:])]
                 log(f"final check: the Diffusion Classifier fits its error scale on {fit} validation images and is "
-                    f"scored on {len(labels) - fit} ({num_classes} classes x {GENERATIVE_EVAL_DRAWS} draws = "
-                    f"{num_classes * GENERATIVE_EVAL_DRAWS} network passes per image)")
+                    f"scored on {len(labels) - fit} ({specs[0].name}: "
+                    f"{peers.evaluations_per_image(num_classes, draws, adaptive):g} network passes per image)")
             count = len(batches[0][1]) if is_generative else len(val_set)
             with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16,
                                 enabled=amp_dtype is not None):

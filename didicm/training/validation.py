@@ -8,8 +8,9 @@ import torch.distributed as dist
 
 from ..evaluation import SamplerSpec, collect_probs
 from ..loader import eval_batches, mix_seed
+from ..objectives import heldout_epsilon_loss
 
-__all__ = ["gather_rows", "validate"]
+__all__ = ["gather_rows", "validate", "validation_loss"]
 
 
 def gather_rows(tensor: torch.Tensor, world: int) -> torch.Tensor:
@@ -42,3 +43,20 @@ def validate(model, dataset, spec: SamplerSpec, diffusion, *, batch_size: int, d
         probs, labels = collect_probs(model, batches, spec, diffusion,
                                       seed=seed if world == 1 else mix_seed(seed, 4, rank))
     return gather_rows(probs.float(), world), gather_rows(labels, world)
+
+
+@torch.no_grad()
+def validation_loss(model, dataset, *, batch_size: int, device: torch.device, seed: int, rank: int = 0,
+                    world: int = 1, num_workers: int = 0, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The generative model's held-out denoising loss per image [N] (float32 CPU, every rank): one network pass
+    per image with (t, eps) fixed by ``seed`` (eval.select 'loss'), sharded like ``validate``."""
+    model.eval()
+    generator, losses = None, []
+    with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+        for images, labels in eval_batches(dataset, batch_size, device, num_workers=num_workers, rank=rank,
+                                           world=world):
+            if generator is None:
+                generator = torch.Generator(device=images.device).manual_seed(
+                    seed if world == 1 else mix_seed(seed, 4, rank))
+            losses.append(heldout_epsilon_loss(model, images, labels, generator).float().cpu())
+    return gather_rows(torch.cat(losses), world)
