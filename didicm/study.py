@@ -416,8 +416,10 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                     for signal, v in values.items():
                         arrays[f"{split}_{row}_{signal}"] = v
                 parsed = parse_sampler(sampler)
+                passes = _dc_passes(parsed, splits["test"][1].max().item() + 1) if parsed.kind == "dc" \
+                    else parsed.evaluations_per_image
                 record["rows"][row] = {"arm": arm_name, "sampler": sampler, "images_per_second": round(speed, 1),
-                                       "evaluations_per_image": parsed.evaluations_per_image,
+                                       "evaluations_per_image": passes,
                                        "eval_seconds": round(time.perf_counter() - eval_started, 2)}
             if arm.get("trajectory") and diffusion is not None and spec.get("trajectories"):
                 count = int(spec["trajectories"])
@@ -443,6 +445,12 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
             f"{row} {info['top1']:.2f}%" for row, info in record["rows"].items() if info["arm"] == arm_name) +
             f" ({arm_record['wall_seconds']:.0f} s)")
     return record
+
+
+def _dc_passes(parsed, num_classes: int = 10) -> float:
+    from .peers import evaluations_per_image
+
+    return evaluations_per_image(num_classes, parsed.steps, parsed.mode == "adaptive")
 
 
 def _device_label(device: torch.device) -> str:
@@ -672,6 +680,9 @@ def row_costs(spec: dict, resolution: int, rows: dict) -> dict[str, float]:
             costs[row] = _flops(model.clean_logits, x) / twin
         elif parsed.kind == "tta":
             costs[row] = parsed.steps * _flops(model, x) / twin
+        elif parsed.kind == "dc":  # K x draws UNet passes (fewer for the adaptive variant)
+            step = torch.zeros(1, dtype=torch.long)
+            costs[row] = _dc_passes(parsed) * _flops(model, x, step, step) / twin
         else:
             costs[row] = _flops(model, x) / twin
     return costs

@@ -199,12 +199,8 @@ def test_the_study_aggregates_a_dc_arm(dc_study):
     from didicm.study import aggregate, load_study
 
     config, _ = dc_study
-    try:
-        study = aggregate(load_study(config), command="didicm study test")
-    except TypeError as error:  # the lead's row_costs (study.py, in progress) has no branch for dc:N rows yet
-        if "ConditionalUNet.forward()" in str(error):
-            pytest.xfail("study.row_costs counts FLOPs of ConditionalUNet without (t, labels): see "
-                         "/tmp/didicm_coord/notes_issue12_item8.md")
-        raise
+    study = aggregate(load_study(config), command="didicm study test")
     rows = {row for summary in study["summary"] for row in summary["rows"]}
     assert {"dc", "dc_adaptive", "twin", "didicm"} <= rows
+    for cell in study["cells"]:
+        assert cell["rows"]["dc"]["evaluations_per_image"] > cell["rows"]["dc_adaptive"]["evaluations_per_image"] > 1
