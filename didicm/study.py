@@ -58,6 +58,9 @@ __all__ = ["load_study", "run_study", "aggregate", "arm_metrics", "trajectory_sc
 
 HEADLINE = "didicm"  # the pre-registered DiDiCM row: CP-8 (the config's didicm arm), chosen before any result
 REPORTED = ("top1", "nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "aurc", "acc_at_90")
+# uncertainty scores: max-probability and entropy for every row, and the CP trajectory's for DiDiCM
+SIGNALS = tuple(f"auroc_{shift}_{score}" for shift in ("digits", "noise")
+                for score in ("maxprob", "entropy", "settle", "path_entropy")) + ("aurc_settle", "aurc_path_entropy")
 ARM_KEYS = ("where", "predict", "ensemble", "trajectory", "describe")
 WHERE = ("all", "hard", "extremes")
 OOD_SETS = ("digits", "noise")
@@ -532,8 +535,7 @@ def _summaries(spec: dict, cells: list[dict]) -> list[dict]:
             present = [c for c in group if row in c["rows"]]
             summary["rows"][row] = {"seeds": len(present), **{
                 m: dict(zip(("mean", "std"), _mean_std([c["rows"][row][m] for c in present]), strict=True))
-                for m in (*REPORTED, "auroc_digits_maxprob", "auroc_noise_maxprob", "auroc_digits_entropy",
-                          "auroc_noise_entropy", "T") if all(m in c["rows"][row] for c in present)}}
+                for m in (*REPORTED, *SIGNALS, "T") if all(m in c["rows"][row] for c in present)}}
         for row in rows:
             if row == HEADLINE:
                 continue
@@ -767,6 +769,11 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
                         for row, g in summary["gaps"].items()]
             lines += [markdown_table(gap_rows, title=f"{key}: gaps (positive top-1 gap, negative NLL/ECE gap: "
                                                      "DiDiCM better)"), ""]
+    lines += ["## Uncertainty beyond calibration", "",
+              "Selective prediction (AURC: lower is better; it ranks images by max-probability unless named) and "
+              "out-of-distribution detection (AUROC against scikit-learn's digits and against test images under heavy "
+              "noise; 0.5 is chance). `settle` (how late the CP trajectory's top class settles) and `path_entropy` "
+              "(the entropy averaged along the trajectory) are DiDiCM's own signals.", ""] + _signal_tables(summaries)
     lines += ["## The accuracy-compute frontier", ""] + frontier + [""] + _training_table(cells)
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -776,6 +783,20 @@ def _headline_label(spec: dict) -> str:
     """'DiDiCM CP-8' for the headline row's sampler 'cp:8'."""
     sampler = spec["arms"][HEADLINE]["predict"][HEADLINE]
     return "DiDiCM " + sampler.split(":")[0].upper() + "-" + ":".join(sampler.split(":")[1:])
+
+
+def _signal_tables(summaries: list[dict]) -> list[str]:
+    out = []
+    for summary in summaries:
+        rows = []
+        for row, stats in summary["rows"].items():
+            entry = {"row": row, "aurc": _fmt(stats["aurc"], 4)}
+            for metric in SIGNALS:
+                if metric in stats:
+                    entry[metric.replace("auroc_", "")] = _fmt(stats[metric], 3)
+            rows.append(entry)
+        out += [markdown_table(rows, title=f"{summary['resolution']} px, data ratio {summary['data_ratio']:g}"), ""]
+    return out
 
 
 def _findings(study: dict, headline: str) -> list[str]:
