@@ -141,19 +141,11 @@ def class_balanced_subset(labels: np.ndarray, ratio: float, seed: int = 0) -> np
     Raises:
         ConfigError: ratio outside (0, 1].
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, int | float | np.integer | np.floating) \
-            or not 0 < ratio <= 1:
-        raise ConfigError(f"data_ratio must lie in (0, 1], got {ratio!r}; use 1.0 for the full training set")
-    labels = np.asarray(labels)
-    if ratio == 1:
-        return np.arange(len(labels))
-    keep = []
-    for cls in np.unique(labels):
-        members = np.flatnonzero(labels == cls)
-        order = np.random.default_rng([int(seed), int(cls)]).permutation(len(members))
-        count = max(1, int(np.floor(ratio * len(members) + 0.5)))
-        keep.append(members[order[:count]])
-    return np.sort(np.concatenate(keep)) if keep else np.arange(0)
+    def pick(cls: int, size: int) -> np.ndarray:
+        order = np.random.default_rng([int(seed), int(cls)]).permutation(size)
+        return order[:max(1, int(np.floor(ratio * size + 0.5)))]
+
+    return _per_class_subset(labels, ratio, pick)
 
 
 def official_ratio_subset(labels: np.ndarray, ratio: float) -> np.ndarray:
@@ -166,6 +158,16 @@ def official_ratio_subset(labels: np.ndarray, ratio: float) -> np.ndarray:
     Raises:
         ConfigError: ratio outside (0, 1].
     """
+    def pick(cls: int, size: int) -> np.ndarray:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(OFFICIAL_RATIO_SEED))
+        return order[:int(size * ratio)].numpy()
+
+    return _per_class_subset(labels, ratio, pick)
+
+
+def _per_class_subset(labels: np.ndarray, ratio: float, pick) -> np.ndarray:
+    """Sorted indices of the images ``pick(class, class size)`` keeps of each class (positions within the class,
+    in list order); every index when ratio is 1. The ratio is checked here for both rules."""
     if isinstance(ratio, bool) or not isinstance(ratio, int | float | np.integer | np.floating) \
             or not 0 < ratio <= 1:
         raise ConfigError(f"data_ratio must lie in (0, 1], got {ratio!r}; use 1.0 for the full training set")
@@ -175,6 +177,5 @@ def official_ratio_subset(labels: np.ndarray, ratio: float) -> np.ndarray:
     keep = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
-        order = torch.randperm(len(members), generator=torch.Generator().manual_seed(OFFICIAL_RATIO_SEED))
-        keep.append(members[order[:int(len(members) * ratio)].numpy()])
+        keep.append(members[pick(int(cls), len(members))])
     return np.sort(np.concatenate(keep)) if keep else np.arange(0)
