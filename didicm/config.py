@@ -95,6 +95,9 @@ class OptimConfig:
     amp: bool = True  # autocast, on GPUs only (training and evaluation)
     amp_dtype: str = "bfloat16"  # or 'float16' (the official --amp), with timm's NativeScaler
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
+    # steps that never wait for the device: a fused torch optimizer skips a non-finite step on the device, the
+    # counts are read when logging. 'auto': on GPUs with adam/adamw/sgd; true/false to force
+    sync_free: bool | str = "auto"
 
 
 @dataclass
@@ -188,6 +191,8 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout must be a positive number of minutes, got {self.dist_timeout!r}")
         if o.max_bad_steps < 1:
             raise ConfigError(f"optim.max_bad_steps must be >= 1, got {o.max_bad_steps!r}")
+        if not isinstance(o.sync_free, bool) and o.sync_free != "auto":
+            raise ConfigError(f"optim.sync_free must be true, false or 'auto', got {o.sync_free!r}")
         return self
 
 

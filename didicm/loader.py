@@ -137,6 +137,7 @@ class TrainStream:
         self.epoch_length = repeated_epoch_length(self.size, self.repeats)
         self.prefetch_factor = prefetch_factor
         self._perms: dict[int, np.ndarray] = {}
+        self._orders: dict[int, torch.Tensor] = {}
         # In-memory data sets skip per-item Python entirely; their augmentation runs on whole batches.
         self._tensors = dataset.tensors() if hasattr(dataset, "tensors") else None
         self._augment = dataset.batch_augment() if self._tensors is not None and dataset.augment else None
@@ -167,16 +168,41 @@ class TrainStream:
     def steps_per_epoch(self) -> float:
         return self.epoch_length / self.batch_size
 
+    def _order(self, epoch: int) -> torch.Tensor:
+        """Epoch ``epoch``'s dataset indices in stream order (each repeated ``repeats`` times), on the device."""
+        if epoch not in self._orders:
+            order = torch.from_numpy(self._permutation(epoch))
+            if self.repeats > 1:
+                order = order.repeat_interleave(self.repeats)[:self.epoch_length]
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = order.to(self.device)
+        return self._orders[epoch]
+
+    def device_indices(self, step: int) -> torch.Tensor:
+        """The dataset indices of ``indices(step)`` as a tensor on the device, cut from per-epoch orders that are
+        copied there once per epoch: no host-to-device copy, and so no host sync, per step."""
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)[self.rank::self.world]
+        parts, position = [], positions.start
+        while position < positions.stop:
+            epoch, offset = divmod(position, self.epoch_length)
+            end = min(self.epoch_length, offset + positions.stop - position)
+            parts.append(self._order(epoch)[offset:end:self.world])
+            position += len(range(offset, end, self.world)) * self.world
+        if not parts:  # a global batch smaller than the world leaves this rank nothing
+            return torch.empty(0, dtype=torch.int64, device=self.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._tensors is not None:
-            images, labels = self._tensors
+            # the whole set is copied to the device once; batches are gathered there
+            images, labels = (t.to(self.device) for t in self._tensors)
             for step in range(start, stop):
-                index = torch.tensor([i for i, _ in self.indices(step)])
+                index = self.device_indices(step)
                 batch = images[index]
                 if self._augment is not None:
                     generator = torch.Generator().manual_seed(mix_seed(self.seed, 3, step, self.rank))
                     batch = self._augment(batch, generator)
-                yield self.normalize(batch, normalized=True), labels[index].to(self.device)
+                yield self.normalize(batch, normalized=True), labels[index]
             return
         extra = dict(prefetch_factor=self.prefetch_factor, persistent_workers=False) if self.num_workers else {}
         loader = DataLoader(_SeededItems(self.dataset), batch_sampler=_Steps(self, start, stop),

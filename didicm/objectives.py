@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import value_checks_enabled
 from .diffusion import UniformDiffusion, score_entropy
 from .errors import ConfigError
 from .models.layers import unwrap_model
@@ -73,7 +74,7 @@ def diffusion_loss(model, diffusion: UniformDiffusion, images: torch.Tensor, tar
         c_t = diffusion.sample_labels(c0, sigma, generator=generator)
         labels, probs = None, targets
     log_score = model(images, c_t, sigma)
-    if not torch.isfinite(log_score).all():
+    if value_checks_enabled() and not torch.isfinite(log_score).all():
         # A diverged network is the training loop's to handle (skip and count the step), not an input error.
         return torch.full((batch,), float("nan"), device=device)
     loss = score_entropy(log_score, c_t, sigma, dsigma, labels=labels, probs=probs)

@@ -67,17 +67,22 @@ class BatchAugment:
         batch, chans, height, width = images.shape
         pad = self.padding
         padded = images.new_empty(batch, chans, height + 2 * pad, width + 2 * pad)
-        padded[:] = torch.tensor(self.fill, dtype=images.dtype, device=images.device).view(1, chans, 1, 1)
+        fill = torch.tensor(self.fill, dtype=images.dtype).to(images.device, non_blocking=True)
+        padded[:] = fill.view(1, chans, 1, 1)
         padded[:, :, pad:pad + height, pad:pad + width] = images
         # One offset pair per image; gather the H x W window with advanced indexing instead of a Python loop.
         draw_on = generator.device if generator is not None else "cpu"  # a CUDA generator draws on the GPU
-        dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=draw_on).to(images.device)
-        dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=draw_on).to(images.device)
+        # non_blocking: a CPU draw for GPU images must not wait for the GPU's queue
+        dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=draw_on).to(images.device,
+                                                                                            non_blocking=True)
+        dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator, device=draw_on).to(images.device,
+                                                                                            non_blocking=True)
         rows = (dy[:, None] + torch.arange(height, device=images.device))[:, :, None]  # [B, H, 1]
         cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, :]  # [B, 1, W]
         batch_index = torch.arange(batch, device=images.device)[:, None, None]
         out = padded.permute(0, 2, 3, 1)[batch_index, rows, cols].permute(0, 3, 1, 2)  # [B, C, H, W]
         if self.hflip:
-            flip = (torch.rand(batch, generator=generator, device=draw_on) < 0.5).to(images.device)
+            flip = torch.rand(batch, generator=generator, device=draw_on) < 0.5
+            flip = flip.to(images.device, non_blocking=True)
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         return out.contiguous()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import value_checks_enabled
 from ..errors import ConfigError, InputError
 from .schedules import NoiseSchedule
 
@@ -51,7 +52,7 @@ class UniformDiffusion:
         if sigma.is_complex() or sigma.dtype == torch.bool:
             raise InputError(f"{name} must be a real-valued tensor, got {sigma.dtype}")
         # A NaN, infinite or negative noise level has no forward process; let it fail here, not as NaN later.
-        if sigma.numel() and not (torch.isfinite(sigma).all() and (sigma >= 0).all()):
+        if value_checks_enabled() and sigma.numel() and not (torch.isfinite(sigma).all() and (sigma >= 0).all()):
             raise InputError(f"{name} must be finite and >= 0; got values in [{sigma.min()}, {sigma.max()}]: "
                              f"check the time sampling and the noise schedule")
         return sigma
@@ -60,7 +61,8 @@ class UniformDiffusion:
         if labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise InputError(f"{name} must be a 1-D integer tensor of class indices, got "
                              f"shape {tuple(labels.shape)} and dtype {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        if value_checks_enabled() and labels.numel() and (int(labels.min()) < 0 or
+                                                          int(labels.max()) >= self.num_classes):
             raise InputError(f"{name} holds class indices outside [0, {self.num_classes - 1}]")
         return labels.long()
 
@@ -69,7 +71,7 @@ class UniformDiffusion:
             raise InputError(f"{name} must have shape (B, {self.num_classes}), got {tuple(probs.shape)}")
         if not torch.is_floating_point(probs):
             raise InputError(f"{name} must be a floating-point tensor, got {probs.dtype}")
-        if probs.numel() and not (torch.isfinite(probs).all() and (probs >= 0).all()):
+        if value_checks_enabled() and probs.numel() and not (torch.isfinite(probs).all() and (probs >= 0).all()):
             raise InputError(f"{name} must hold finite, non-negative probabilities (e.g. softmax outputs or "
                              f"mixup targets); it has NaN, Inf or negative entries")
         return probs
@@ -114,7 +116,7 @@ class UniformDiffusion:
         c_t = self._check_labels(c_t, "c_t")
         batch = c_t.shape[0]
         sigma = self._check_sigma(sigma, batch).to(c_t.device)
-        if batch and not (sigma > 0).all():
+        if value_checks_enabled() and batch and not (sigma > 0).all():
             raise InputError("sigma must be > 0 for target ratios: at sigma = 0 they are 0 or infinite; "
                              "sample t from (0, 1] (e.g. t >= 1e-5)")
         if (labels is None) == (probs is None):

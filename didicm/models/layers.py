@@ -14,6 +14,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
+from ..checks import value_checks_enabled
 from ..errors import ConfigError, InputError
 
 __all__ = [
@@ -128,7 +129,8 @@ def check_condition(c: torch.Tensor, sigma: torch.Tensor | float, batch: int,
         sigma = sigma.expand(batch)
     if sigma.shape != (batch,):
         raise InputError(f"sigma must be a scalar or have shape ({batch},), got {tuple(sigma.shape)}")
-    if not torch.jit.is_tracing() and c.numel() and (int(c.min()) < 0 or int(c.max()) >= num_classes):
+    if value_checks_enabled() and not torch.jit.is_tracing() and c.numel() and \
+            (int(c.min()) < 0 or int(c.max()) >= num_classes):
         raise InputError(f"c holds labels outside [0, {num_classes - 1}]; is num_classes right?")
     return c.long(), sigma
 

@@ -11,11 +11,12 @@ import torch.distributed as dist
 from timm.scheduler import create_scheduler_v2
 from timm.utils import NativeScaler
 
+from ..checks import without_value_checks
 from ..config import TrainConfig
-from ..errors import DidicmError
+from ..errors import ConfigError, DidicmError
 from ..objectives import cross_entropy_loss, diffusion_loss, epsilon_loss, noisy_label_cross_entropy
 
-__all__ = ["TrainingError", "Updater", "create_lr_scheduler", "LrSchedule"]
+__all__ = ["TrainingError", "Updater", "LossMeter", "FUSED_OPTIMIZERS", "create_lr_scheduler", "LrSchedule"]
 
 
 class TrainingError(DidicmError, RuntimeError):
@@ -50,8 +51,40 @@ def create_lr_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int, total
     return LrSchedule(optimizer, cfg, steps_per_epoch, total_steps, warmup_steps, lr)
 
 
+class LossMeter:
+    """The training loss's moving average (weight 0.05 per step), kept on the device so that a step needs no
+    host sync; a non-finite (skipped) loss leaves it unchanged. ``value()`` reads it (one sync)."""
+
+    def __init__(self):
+        self.average: torch.Tensor | None = None
+
+    def update(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().float()
+        if self.average is None:
+            self.average = torch.full_like(loss, float("nan"))
+        blended = torch.where(torch.isnan(self.average), loss, 0.95 * self.average + 0.05 * loss)
+        self.average = torch.where(torch.isfinite(loss), blended, self.average)
+
+    def value(self) -> float | None:
+        value = None if self.average is None else self.average.item()
+        return None if value is None or math.isnan(value) else value
+
+
+# torch optimizers whose fused implementation skips a whole update on the device when told found_inf
+FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov")
+
+
 class Updater:
     """Runs one training step of any didicm model kind; counts and limits non-finite losses.
+
+    Two ways to skip a step whose loss is not finite, with the same result (weights and optimizer state
+    untouched, the step counted):
+      - checked (the default off a GPU): the loss is read on the host before backward;
+      - sync-free (``sync_free``, a fused torch optimizer): backward always runs and the fused update is told
+        ``found_inf`` on the device, so no step waits for the GPU. The counts live on the device and are read
+        by ``check()`` when the loop logs (every 10 steps), which then stops a run that failed
+        ``optim.max_bad_steps`` times in a row. One difference: EMA still averages on a skipped step (towards
+        the unchanged weights).
 
     Args:
         model: the module to call (DDP-wrapped under torchrun); ``base``: the unwrapped model (clipping, EMA).
@@ -59,12 +92,29 @@ class Updater:
     """
 
     def __init__(self, cfg: TrainConfig, model, base, optimizer, diffusion, mixup, ema, device: torch.device,
-                 world: int, amp_dtype: torch.dtype | None, kind: str, log, ckpt_dir):
+                 world: int, amp_dtype: torch.dtype | None, kind: str, log, ckpt_dir, sync_free: bool = False):
         self.cfg, self.model, self.base, self.optimizer = cfg, model, base, optimizer
         self.diffusion, self.mixup, self.ema, self.device, self.world = diffusion, mixup, ema, device, world
         self.amp_dtype, self.kind, self.log, self.ckpt_dir = amp_dtype, kind, log, ckpt_dir
         self.scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
-        self.consecutive_bad, self.bad_total = 0, 0
+        if sync_free and not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise ConfigError(f"optim.sync_free needs a fused torch optimizer (optim.opt one of "
+                              f"{', '.join(FUSED_OPTIMIZERS)}), got {type(optimizer).__name__}")
+        self.sync_free = sync_free
+        self.consecutive_bad, self._bad_total = 0, 0
+        # sync-free counts on the device: all skipped steps, the current run of them, the longest run since check()
+        self._counts = torch.zeros(3, dtype=torch.int64, device=device)
+        self._reported = 0
+
+    @property
+    def bad_total(self) -> int:
+        """Non-finite steps so far (a host read in sync-free mode: call it when logging, not per step)."""
+        return self._bad_total + (int(self._counts[0].item()) if self.sync_free else 0)
+
+    @bad_total.setter
+    def bad_total(self, value: int) -> None:  # restored from a checkpoint
+        self._bad_total, self._reported = int(value), int(value)
+        self._counts.zero_()
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
@@ -80,38 +130,82 @@ class Updater:
         smoothing = cfg.optim.label_smoothing if targets.ndim == 1 else 0.0
         return cross_entropy_loss(self.model(images), targets, smoothing)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int, main: bool) -> float | None:
-        """One update; returns the loss, or None when the step was skipped for a non-finite loss."""
-        cfg = self.cfg
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, step: int, main: bool) -> torch.Tensor:
+        """One update; returns the loss (detached, 0-dim, on the device), non-finite when the step was skipped."""
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
-            loss = self.loss(images, targets).mean()
+            if self.sync_free:  # the pipeline made these inputs; NaN shows up in the loss and skips the step
+                with without_value_checks():
+                    loss = self.loss(images, targets).mean()
+            else:
+                loss = self.loss(images, targets).mean()
         finite = torch.isfinite(loss.detach()).to(torch.float32)
         if self.world > 1:  # every process must agree to skip, or DDP's collectives would hang
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         self.optimizer.zero_grad(set_to_none=True)
-        if finite.item() < 1:
-            self.consecutive_bad += 1
-            self.bad_total += 1
-            if main:
-                self.log(f"step {step}: non-finite loss ({loss.item()}), step skipped "
-                         f"({self.consecutive_bad} in a row, {self.bad_total} in all)")
-            if self.consecutive_bad >= cfg.optim.max_bad_steps:
-                raise TrainingError(
-                    f"{self.consecutive_bad} consecutive non-finite losses at step {step}: training stopped. "
-                    "Check the inputs for NaN/Inf, lower optim.lr, or set optim.clip_grad; the last complete "
-                    f"checkpoint is in {self.ckpt_dir}")
-            return None
-        self.consecutive_bad = 0
-        if self.scaler is not None:  # scaled backward, unscale, clip, step (skipped on overflow), rescale
-            self.scaler(loss, self.optimizer, clip_grad=cfg.optim.clip_grad, parameters=self.base.parameters())
+        if self.sync_free:
+            self._update_without_sync(loss, finite)
+        elif finite.item() < 1:
+            self._skip(loss, step, main)
+            return loss.detach()
         else:
-            loss.backward()
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.base.parameters(), cfg.optim.clip_grad)
-            self.optimizer.step()
+            self.consecutive_bad = 0
+            self._update(loss)
         if self.ema is not None:
             self.ema.update(self.base, step=step)
-        return loss.item()
+        return loss.detach()
+
+    def _update(self, loss: torch.Tensor) -> None:
+        clip = self.cfg.optim.clip_grad
+        if self.scaler is not None:  # scaled backward, unscale, clip, step (skipped on overflow), rescale
+            self.scaler(loss, self.optimizer, clip_grad=clip, parameters=self.base.parameters())
+        else:
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.base.parameters(), clip)
+            self.optimizer.step()
+
+    def _update_without_sync(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+        if self.scaler is not None:
+            # a non-finite loss gives non-finite scaled gradients: the scaler's fused step skips on its own
+            self._update(loss)
+        else:
+            self.optimizer.found_inf = 1.0 - finite  # the fused update is a no-op when this is 1
+            try:
+                self._update(loss)
+            finally:
+                del self.optimizer.found_inf
+        bad = (finite < 1).to(torch.int64)
+        total, run, worst = self._counts.unbind()
+        run = (run + 1) * bad
+        self._counts = torch.stack([total + bad, run, torch.maximum(worst, run)])
+
+    def _skip(self, loss: torch.Tensor, step: int, main: bool) -> None:
+        self.consecutive_bad += 1
+        self._bad_total += 1
+        if main:
+            self.log(f"step {step}: non-finite loss ({loss.item()}), step skipped "
+                     f"({self.consecutive_bad} in a row, {self._bad_total} in all)")
+        if self.consecutive_bad >= self.cfg.optim.max_bad_steps:
+            raise TrainingError(self._stop_message(self.consecutive_bad, step))
+
+    def _stop_message(self, count: int, step: int) -> str:
+        return (f"{count} consecutive non-finite losses at step {step}: training stopped. Check the inputs for "
+                f"NaN/Inf, lower optim.lr, or set optim.clip_grad; the last complete checkpoint is in "
+                f"{self.ckpt_dir}")
+
+    def check(self, step: int, main: bool) -> None:
+        """Sync-free mode: read the device counts (one host sync), log new skips, stop after too many in a row.
+        Every process calls it at the same steps (the counts agree), so all stop together."""
+        if not self.sync_free:
+            return
+        total, run, worst = self._counts.tolist()
+        total += self._bad_total
+        if main and total > self._reported:
+            self.log(f"steps up to {step}: {total - self._reported} non-finite losses skipped ({total} in all)")
+        self._reported = total
+        if worst >= self.cfg.optim.max_bad_steps:
+            raise TrainingError(self._stop_message(worst, step))
+        self._counts[2] = run

@@ -49,7 +49,7 @@ from ..runtime import (
 )
 from ..selection import Selection, selection_scores
 from .checkpointing import restore, save_model, save_state
-from .one_step import LrSchedule, Updater
+from .one_step import FUSED_OPTIMIZERS, LossMeter, LrSchedule, Updater
 from .validation import validate, validation_loss
 
 __all__ = ["TrainResult", "train"]
@@ -162,7 +162,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     diffusion = diffusion_from_config(cfg.to_dict()["diffusion"], num_classes) \
         if is_diffusion or o.noisy_labels else None
     lr = o.lr * (math.sqrt(1.0 / d.data_ratio) if o.lr_ratio_scale == "sqrt" else 1.0)
-    optimizer = create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum)
+    # sync-free steps (no host read per step) need a fused torch optimizer; 'auto' uses them on GPUs when they exist
+    sync_free = o.sync_free if isinstance(o.sync_free, bool) else \
+        device.type == "cuda" and o.opt.lower() in FUSED_OPTIMIZERS
+    if sync_free and o.opt.lower() not in FUSED_OPTIMIZERS:
+        raise ConfigError(f"optim.sync_free needs optim.opt one of {', '.join(FUSED_OPTIMIZERS)} (torch's fused "
+                          f"optimizers skip an update on the device), got {o.opt!r}; or set optim.sync_free: auto")
+    optimizer = create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                    **({"fused": True} if sync_free else {}))
     stream = TrainStream(train_set, batch_size, cfg.seed, rank, world, d.num_workers, device,
                          repeats=d.aug_repeats, erasing=dict(probability=d.reprob, mode=d.remode))
     # budgets in epochs become steps: an epoch is one pass over this run's training split (the repeated-
@@ -193,7 +200,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
                                                                 else None)
     updater = Updater(cfg, train_model, model, optimizer, diffusion, mixup, ema, device, world, amp_dtype, kind, log,
-                      ckpt_dir)
+                      ckpt_dir, sync_free=sync_free)
 
     start_step, earlier_seconds = 0, 0.0  # earlier_seconds: training time before a resume
     if resume:
@@ -216,7 +223,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         log(f"{cfg.model.name}{f' ({options})' if options else ''}: {parameters / 1e6:.2f} M parameters; input "
             f"{in_chans}x{train_set.image_size}x{train_set.image_size}, {len(train_set)} training images, "
             f"{num_classes} classes; {total_steps} steps of {batch_size} images"
-            f"{f' ({world} processes)' if world > 1 else ''}; device {where}")
+            f"{f' ({world} processes)' if world > 1 else ''}; device {where}"
+            f"{'; sync-free steps' if sync_free else ''}")
     meta_base = dict(config=cfg.to_dict(), classes=list(train_set.classes), num_classes=num_classes,
                      in_chans=in_chans, image_size=train_set.image_size, mean=list(train_set.mean),
                      std=list(train_set.std), model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
@@ -231,7 +239,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, leave=False)
-    step, running = start_step, None
+    step, meter = start_step, LossMeter()
     val_specs = default_eval_specs(model, cfg.to_dict()["eval"])
     train_model.train()
     for images, targets in stream.batches(start_step, total_steps):
@@ -242,21 +250,22 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             _set_lr(optimizer, lr * selection.lr_scale * min(1.0, 0.01 + 0.99 * step / max(warmup_steps, 1)))
         else:
             schedule.step(step)
-        value = updater(images, targets, step, main)
-        if value is not None:
-            running = value if running is None else 0.95 * running + 0.05 * value
+        meter.update(updater(images, targets, step, main))
         step += 1
-        if main:
-            current_lr = optimizer.param_groups[0]["lr"]
+        logged = step % 10 == 0 or step == total_steps  # the loss is read (a host sync) only on these steps
+        if logged:
+            updater.check(step, main)
+        if bar is not None:
+            bar.update(1)
+        if main and logged:
+            current_lr, running = optimizer.param_groups[0]["lr"], meter.value()
             if bar is not None:
-                bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}" if running is not None else "nan", lr=f"{current_lr:.2e}")
-            if step % 10 == 0 or step == total_steps:
-                _write_csv_row(log_path, dict(step=step, epoch=round(stream.epoch_of(step), 4), loss=running,
-                                              lr=current_lr, bad_steps=updater.bad_total,
-                                              seconds=round(time.perf_counter() - started, 3)))
-                if writer is not None:
-                    writer.add_scalar("train/loss", running or float("nan"), step)
+            _write_csv_row(log_path, dict(step=step, epoch=round(stream.epoch_of(step), 4), loss=running,
+                                          lr=current_lr, bad_steps=updater.bad_total,
+                                          seconds=round(time.perf_counter() - started, 3)))
+            if writer is not None:
+                writer.add_scalar("train/loss", running or float("nan"), step)
         do_validate = selection is not None and (step % interval == 0 or step == total_steps)
         if do_validate:  # every rank predicts its shard; all see the same scores and stop together
             current = ema.module if ema is not None else model
@@ -289,6 +298,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if bar is not None:
         bar.close()
 
+    updater.check(step, main)  # the last steps' skips, counted before the totals are written
     train_seconds = earlier_seconds + time.perf_counter() - started  # all sessions of a resumed run
     final = ema.module if ema is not None else model
     if main:

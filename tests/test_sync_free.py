@@ -1,0 +1,185 @@
+"""The device-resident training path: batches gathered on the device from per-epoch orders, and sync-free steps
+(a fused optimizer skips non-finite steps on the device; the loop reads the device only when it logs)."""
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import didicm.training as training
+from didicm.checkpoint import load_checkpoint
+from didicm.config import config_from_dict
+from didicm.errors import ConfigError
+from didicm.loader import TrainStream
+from didicm.training import one_step
+
+TINY = {
+    "data": {"dataset": "digits", "val_size": 0.1},
+    "model": {"name": "didicm:test_resnet"},
+    "optim": {"opt": "adamw", "lr": 3e-3, "weight_decay": 0.01, "batch_size": 32, "steps": 12, "warmup_steps": 2},
+    "eval": {"sampler": "cp", "steps": 2},
+    "checkpoint_every": 4,
+}
+
+
+def _config(tmp_path, name="run", **sections):
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    for key, value in sections.items():
+        values[key] = {**values.get(key, {}), **value}
+    values["output"] = str(tmp_path / name)
+    return config_from_dict(values)
+
+
+def _weights(path):
+    return load_checkpoint(path).section("model")
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(1, 40), batch=st.integers(1, 24), world=st.integers(1, 4), repeats=st.integers(0, 3),
+       step=st.integers(0, 30), data=st.data())
+def test_device_indices_equal_the_per_item_stream(size, batch, world, repeats, step, data):
+    rank = data.draw(st.integers(0, world - 1))
+    stream = TrainStream(torch.zeros(size), batch, seed=7, rank=rank, world=world, repeats=repeats)
+    expected = [index for index, _ in stream.indices(step)]
+    assert stream.device_indices(step).tolist() == expected
+
+
+def test_in_memory_batches_are_gathered_from_the_resident_set():
+    from didicm.data import create_dataset
+    data = create_dataset("digits", "train", val_size=0.1, augment=True)
+    stream = TrainStream(data, 50, seed=3)
+    images, labels = data.tensors()
+    for step, (batch, target) in zip(range(30, 33), stream.batches(30, 33), strict=True):
+        index = torch.tensor([i for i, _ in stream.indices(step)])  # the per-item definition of the stream
+        assert torch.equal(target, labels[index])
+        augment = data.batch_augment()
+        from didicm.loader import mix_seed
+        expected = augment(images[index], torch.Generator().manual_seed(mix_seed(3, 3, step, 0)))
+        assert torch.equal(batch, expected)
+
+
+@contextmanager
+def _count_host_reads():
+    """Count every read of a tensor's value by Python (item, tolist, bool, int, float, numpy) in the block."""
+    counts = {"n": 0}
+    names = ("item", "tolist", "__bool__", "__int__", "__float__", "numpy")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(original):
+        def wrapper(self, *args, **kwargs):
+            counts["n"] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(original))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_a_sync_free_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, sync_free):
+    reads = []
+    real_call = one_step.Updater.__call__
+
+    def counted_call(self, *args, **kwargs):
+        with _count_host_reads() as counts:
+            out = real_call(self, *args, **kwargs)
+        reads.append(counts["n"])
+        return out
+
+    monkeypatch.setattr(one_step.Updater, "__call__", counted_call)
+    real_batches = TrainStream.batches
+
+    def counted_batches(self, start, stop):
+        iterator = real_batches(self, start, stop)
+        while True:
+            with _count_host_reads() as counts:
+                item = next(iterator, None)
+            reads.append(counts["n"])
+            if item is None:
+                return
+            yield item
+
+    monkeypatch.setattr(TrainStream, "batches", counted_batches)
+    # a DiDiCM model with augmentation: the loss, the sampler of noisy labels and the batch gather all run
+    cfg = _config(tmp_path, optim={"sync_free": sync_free}, data={"augment": True})
+    training.train(cfg, progress=False, log=lambda *_: None)
+    assert len(reads) == 2 * 12 + 1  # [fetch 0, step 0, fetch 1, step 1, ..., the end of the stream]
+    if sync_free:  # the first fetch draws epoch 0's order on the host (once per epoch); nothing else reads
+        assert reads[0] >= 1 and sum(reads[1:]) == 0
+    else:  # the checked step reads the loss (and the loss's input checks read their inputs)
+        assert min(reads[1::2]) >= 1
+
+
+def test_sync_free_skips_the_same_steps_as_the_checked_path(tmp_path, monkeypatch):
+    real = one_step.diffusion_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] in (3, 4, 7, 15, 16, 19) else loss
+
+    monkeypatch.setattr(one_step, "diffusion_loss", sometimes_nan)
+    logs = []
+    free = training.train(_config(tmp_path, "free", optim={"sync_free": True}), progress=False, log=logs.append)
+    # the checked path with the same fused optimizer, so that the two runs can be compared bit for bit
+    from didicm.training import train_loop
+    real_create = train_loop.create_optimizer_v2
+    monkeypatch.setattr(train_loop, "create_optimizer_v2", lambda *a, **k: real_create(*a, **{**k, "fused": True}))
+    calls["n"] = 0
+    checked = training.train(_config(tmp_path, "checked", optim={"sync_free": False}), progress=False,
+                             log=lambda *_: None)
+    assert free.bad_steps == checked.bad_steps == 3
+    assert free.metrics["bad_steps"] == 3
+    assert any("3 non-finite losses skipped" in line for line in logs)
+    a, b = _weights(tmp_path / "free" / "model.safetensors"), _weights(tmp_path / "checked" / "model.safetensors")
+    for key in a:  # a skipped step taken, or a good one dropped, would change the weights
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sync_free_stops_after_too_many_consecutive_bad_steps(tmp_path, monkeypatch):
+    monkeypatch.setattr(one_step, "diffusion_loss",
+                        lambda *a, **k: torch.full((32,), float("inf"), requires_grad=True))
+    cfg = _config(tmp_path, optim={"max_bad_steps": 3, "sync_free": True})
+    with pytest.raises(training.TrainingError, match="10 consecutive non-finite losses at step 10"):
+        training.train(cfg, progress=False, log=lambda *_: None)
+
+
+def test_sync_free_resume_reproduces_the_uninterrupted_run(tmp_path):
+    options = {"optim": {"sync_free": True, "ema_decay": 0.9}, "data": {"augment": True}}
+    training.train(_config(tmp_path, "straight", **options), progress=False, log=lambda *_: None)
+    cfg = _config(tmp_path, "interrupted", **options)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, progress=False, log=lambda *_: None, fault_after_steps=6)
+    training.train(cfg, resume=True, progress=False, log=lambda *_: None)
+    a = _weights(tmp_path / "straight" / "model.safetensors")
+    b = _weights(tmp_path / "interrupted" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows_a = (tmp_path / "straight" / "log.csv").read_text().splitlines()
+    rows_b = (tmp_path / "interrupted" / "log.csv").read_text().splitlines()
+    # one row per step across the resume (the smoothed loss restarts with the session, so it is not compared)
+    assert [r.split(",")[:2] for r in rows_a] == [r.split(",")[:2] for r in rows_b]
+
+
+def test_sync_free_with_an_unfused_optimizer_is_refused_by_name(tmp_path):
+    with pytest.raises(ConfigError, match="optim.sync_free needs optim.opt"):
+        training.train(_config(tmp_path, optim={"sync_free": True, "opt": "lamb"}), progress=False,
+                       log=lambda *_: None)
+
+
+def test_loss_meter_ignores_skipped_steps():
+    meter = one_step.LossMeter()
+    assert meter.value() is None
+    for value in [float("nan"), 2.0, float("inf"), 4.0]:
+        meter.update(torch.tensor(value))
+    assert meter.value() == pytest.approx(0.95 * 2.0 + 0.05 * 4.0)
+    assert np.isfinite(meter.value())
