@@ -307,7 +307,9 @@ def _train_arm(spec: dict, name: str, resolution: int, ratio: float, seed: int, 
               "epochs_run": result.metrics["epochs_run"], "steps_run": result.metrics["steps_run"],
               "best_epoch": selection.get("best_epoch"), "best_step": selection.get("best_step"),
               "converged": selection.get("converged"), "stopped_early": selection.get("stopped_early"),
-              "select": selection.get("metric"), "validations": len(selection.get("history", []))}
+              "select": selection.get("metric"), "validations": len(selection.get("history", [])),
+              "train_images_per_second": round(result.metrics["steps_run"] * config.optim.batch_size
+                                               / max(result.metrics["train_seconds"], 1e-9), 1)}
     return result, record
 
 
@@ -443,11 +445,23 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                 info.update(_row_metrics(arrays, row, arm.get("trajectory")))
         _save_predictions(pred_path, arrays)
         record["commit"] = _commit()
+        record["cost"] = _cell_cost(record)
         write_json(cell_path, record)
         log(f"[{name}] {arm_name}: " + ", ".join(
             f"{row} {info['top1']:.2f}%" for row, info in record["rows"].items() if info["arm"] == arm_name) +
             f" ({arm_record['wall_seconds']:.0f} s)")
     return record
+
+
+def _cell_cost(record: dict) -> dict:
+    """What the cell took: the devices, training and wall seconds summed over its arms (an arm's wall time is its
+    last session's, training time counts every session of a resumed arm), and evaluation images/s per row."""
+    arms = record["arms"].values()
+    return {"devices": sorted({a["device"] for a in arms if "device" in a}),
+            "train_seconds": round(sum(a.get("train_seconds", 0.0) for a in arms), 2),
+            "wall_seconds": round(sum(a.get("wall_seconds", 0.0) for a in arms), 2),
+            "eval_images_per_second": {row: info["images_per_second"] for row, info in record["rows"].items()
+                                       if "images_per_second" in info}}
 
 
 def _dc_passes(parsed, num_classes: int = 10) -> float:
@@ -570,7 +584,8 @@ def aggregate(spec: dict, command: str) -> dict:
     cells = [c for c in cells if c.get("protocol") == spec["protocol"] and c.get("rows")]
     if not cells:
         raise ConfigError(f"no finished cells under {out / 'cells'}; run the study first")
-    light = [{k: v for k, v in c.items() if k != "trajectories"} for c in cells]
+    # cost is derived from the arms: cells written before it was kept get it here
+    light = [{**{k: v for k, v in c.items() if k != "trajectories"}, "cost": _cell_cost(c)} for c in cells]
     summaries = _summaries(spec, cells)
     study = {"dataset": spec["dataset"], "protocol": spec["protocol"], "command": command, "config": spec["_path"],
              "headline": HEADLINE, "controls": _controls(spec),
@@ -714,9 +729,50 @@ def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], 
         title = f"{key[0]} px, data ratio {key[1]:g}"
         lines += [markdown_table(table, title=f"Accuracy-compute frontier, {title} (test split, mean ± std over "
                                               "seeds; cost per image in passes of the twin, by counted FLOPs)"), ""]
+        lines += _recommendation(summary, costs, title)
         name = f"frontier_res{key[0]}_ratio{key[1]:g}.png"
         figures.append(str(plot_frontier(points, out / name, title=f"frontier: {title}")))
     return lines, figures
+
+
+def _recommendation(summary: dict, costs: dict, title: str) -> list[str]:
+    """Issue 15's default: the cheapest DiDiCM row that matches the headline (CP-8 of the full network) within seed
+    noise, i.e. neither its top-1 nor its temperature-scaled NLL gap to the headline counts by the study's rule;
+    stored in the summary (study.json) and written from it, with what every cheaper row saves and costs."""
+    if HEADLINE not in costs or HEADLINE not in summary["rows"]:
+        return []
+    head_cost = costs[HEADLINE]
+    options = sorted((row for row in summary["gaps"] if row.startswith(HEADLINE) and row in costs
+                      and costs[row] < head_cost), key=lambda row: costs[row])
+    table, match = [], None
+    for row in options:
+        gap = summary["gaps"][row]
+        matches = gap["top1"]["n"] >= 2 and all(gap[m]["verdict"] != "win" for m in ("top1", "nll_ts"))
+        if matches and match is None:
+            match = row
+        table.append({"row": row, "cost": round(costs[row], 2), "saves": f"{head_cost / costs[row]:.1f}x",
+                      "CP-8 minus row, top-1": f"{gap['top1']['mean']:+.2f} ± {gap['top1']['std']:.2f} "
+                                               f"({gap['top1']['verdict']})",
+                      "nll_ts": f"{gap['nll_ts']['mean']:+.3f} ± {gap['nll_ts']['std']:.3f} ({gap['nll_ts']['verdict']})",
+                      "matches": matches})
+    summary["recommendation"] = {"row": match, "cost": round(costs[match], 2) if match else None,
+                                 "headline_cost": round(head_cost, 2), "seeds": len(summary["seeds"])}
+    if not table:
+        return []
+    seeds = len(summary["seeds"])
+    if match:
+        gap = summary["gaps"][match]
+        arms = {r: i["arm"] for cell_rows in summary.get("_rows", []) for r, i in cell_rows.items()}
+        text = (f"Recommended in this setting: `{match}` (arm `{arms.get(match, match)}`), the cheapest DiDiCM row "
+                f"that is not worse than the headline beyond seed noise ({round(costs[match], 2)} twin passes against "
+                f"{round(head_cost, 2)}; headline minus it: top-1 {gap['top1']['mean']:+.2f} ± {gap['top1']['std']:.2f} "
+                f"({gap['top1']['verdict']}), NLL after scaling {gap['nll_ts']['mean']:+.3f} ± "
+                f"{gap['nll_ts']['std']:.3f} ({gap['nll_ts']['verdict']}); {seeds} seeds).")
+    else:
+        text = ("No cheaper DiDiCM row matches the headline within seed noise in this setting; what each saves and "
+                "loses:")
+    return [text, "", markdown_table(table, title=f"Cheaper DiDiCM rows against the headline, {title} (cost in twin "
+                                                  "passes; a row matches when neither gap counts)"), ""]
 
 
 def _best_control(summary: dict) -> str | None:
@@ -825,6 +881,15 @@ def _findings(study: dict, headline: str) -> list[str]:
     return out
 
 
+def _train_speed(info: dict):
+    """Training images/s of an arm (an ensemble's members together); '' for arms recorded before it was kept."""
+    members = info.get("members", [info])
+    if not all("train_images_per_second" in m for m in members):
+        return ""
+    images = sum(m["train_images_per_second"] * m["train_seconds"] for m in members)
+    return round(images / max(sum(m["train_seconds"] for m in members), 1e-9), 1)
+
+
 def _training_table(cells: list[dict]) -> list[str]:
     rows = []
     for cell in sorted(cells, key=lambda c: (-c["resolution"], -c["data_ratio"], c["seed"])):
@@ -834,6 +899,7 @@ def _training_table(cells: list[dict]) -> list[str]:
                          "epochs run": epochs if not isinstance(epochs, list) else "/".join(f"{e:g}" for e in epochs),
                          "best epoch": best if not isinstance(best, list) else "/".join(f"{b:g}" for b in best),
                          "converged": info.get("converged"), "train s": info.get("train_seconds"),
-                         "wall s": info.get("wall_seconds"), "device": info.get("device", "")})
+                         "train img/s": _train_speed(info), "wall s": info.get("wall_seconds"),
+                         "device": info.get("device", "")})
     return [markdown_table(rows, title="Training: epochs run, best validation epoch (the kept weights), and "
                                        "whether training went past it"), ""]

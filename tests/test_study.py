@@ -76,6 +76,10 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
             assert info["epochs_run"] >= info["best_epoch"] > 0
             assert info["converged"] == (info["best_step"] < info["steps_run"])
         assert cell["arms"]["twin"]["select"] == "nll_ts"
+        assert cell["arms"]["twin"]["train_images_per_second"] > 0
+        assert cell["cost"]["devices"] == [cell["arms"]["twin"]["device"]]
+        assert cell["cost"]["train_seconds"] >= cell["arms"]["twin"]["train_seconds"]
+        assert set(cell["cost"]["eval_images_per_second"]) == set(cell["rows"]) - {"ensemble2"}
         test_labels, val_labels = arrays["test_labels"].astype(np.int64), arrays["val_labels"].astype(np.int64)
         assert len(test_labels) == 360 and 140 <= len(val_labels) <= 146  # 20% of 1,797 held out; 10% of the rest
         for row, info in cell["rows"].items():
@@ -126,6 +130,37 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
     _run(tmp_path, spec, "--only", "res4_ratio0.5_seed0")
     printed = capsys.readouterr().out
     assert "twin_aug: cached" not in printed and "twin: cached" in printed and "didicm: cached" in printed
+
+
+def _gap(top1, nll, n=2):
+    from didicm.study import _verdict
+    return {m: {"mean": mean, "std": std, "n": n, "verdict": _verdict(mean if m == "top1" else -mean, std, n)}
+            for m, (mean, std) in (("top1", top1), ("nll_ts", nll))}
+
+
+def test_the_recommended_default_is_the_cheapest_row_not_worse_than_the_headline():
+    from didicm.study import _recommendation
+    summary = {"seeds": [0, 1], "rows": {"didicm": {}}, "gaps": {
+        "didicm_cp1": _gap((50.0, 0.5), (-1.0, 0.01)),     # cheapest, far worse: skipped
+        "didicm_s1": _gap((0.4, 0.5), (-0.02, 0.001)),     # ties on top-1, worse on NLL: skipped
+        "didicm_cp2": _gap((0.3, 0.4), (0.01, 0.02)),      # ties on both: the pick
+        "didicm_cp4": _gap((0.0, 0.1), (0.0, 0.01)),       # also matches, but costs more
+        "twin": _gap((-1.0, 0.1), (0.0, 0.01)),            # not a DiDiCM row
+        "didicm_cp16": _gap((0.0, 0.1), (0.0, 0.01)),      # dearer than the headline
+    }}
+    costs = {"didicm": 8.0, "didicm_cp1": 1.0, "didicm_s1": 1.5, "didicm_cp2": 2.0, "didicm_cp4": 4.0,
+             "twin": 1.0, "didicm_cp16": 16.0}
+    lines = _recommendation(summary, costs, "setting")
+    assert summary["recommendation"] == {"row": "didicm_cp2", "cost": 2.0, "headline_cost": 8.0, "seeds": 2}
+    assert "`didicm_cp2`" in lines[0] and "+0.30 ± 0.40 (tie)" in lines[0]
+    table = lines[2]
+    assert "didicm_cp16" not in table and "| twin " not in table
+    assert [row in table for row in ("didicm_cp1", "didicm_s1", "didicm_cp4")] == [True, True, True]
+
+    # one seed: nothing counts as a match
+    single = {"seeds": [0], "rows": {"didicm": {}}, "gaps": {"didicm_cp2": _gap((0.3, 0.0), (0.0, 0.0), n=1)}}
+    lines = _recommendation(single, costs, "setting")
+    assert single["recommendation"]["row"] is None and lines[0].startswith("No cheaper DiDiCM row")
 
 
 def test_trajectory_scores_read_when_the_top_class_settles_and_the_mean_entropy():
