@@ -82,7 +82,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=28)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is steadier beside other jobs: 2 threads on a busy 2-core "
+                             "machine varied 10x between identical runs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dataset = _dataset()
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,8 @@ def save_model(path: Path, model, meta: dict) -> None:
 
 
 def save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict, bad_total: int, keep: int,
-               seconds: float, epoch: float, selection: dict | None = None, scaler=None) -> None:
+               seconds: float, epoch: float, selection: dict | None = None, scaler=None,
+               loss_average: float | None = None) -> None:
     """``step_<step>.safetensors`` with everything a bit-for-bit resume needs; keeps the newest ``keep``."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
     optim_tensors, optim_rest = flatten_optimizer_state(optimizer.state_dict())
@@ -28,15 +29,17 @@ def save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict
     save_checkpoint(ckpt_dir / f"step_{step:08d}.safetensors", tensors,
                     dict(meta_base, kind="train_state", step=step, epoch=epoch, bad_steps=bad_total,
                          train_seconds=round(seconds, 3), optimizer=optim_rest, selection=selection,
-                         scaler=scaler.state_dict() if scaler is not None else None))
+                         scaler=scaler.state_dict() if scaler is not None else None, loss_average=loss_average))
     steps = sorted(p for p in ckpt_dir.glob("step_*.json"))
     for old in steps[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
-def restore(path: Path, model, optimizer, ema, cfg: TrainConfig, scaler=None) -> tuple[int, int, float, dict | None]:
-    """Load a training checkpoint into the objects; returns (step, bad steps, training seconds, selection state)."""
+def restore(path: Path, model, optimizer, ema, cfg: TrainConfig, scaler=None
+            ) -> tuple[int, int, float, dict | None, float | None]:
+    """Load a training checkpoint into the objects; returns (step, bad steps, training seconds, selection state,
+    the logged loss's moving average)."""
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     if meta.get("model_name") != cfg.model.name:
@@ -52,4 +55,4 @@ def restore(path: Path, model, optimizer, ema, cfg: TrainConfig, scaler=None) ->
     if scaler is not None and meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     return (int(meta["step"]), int(meta.get("bad_steps", 0)), float(meta.get("train_seconds", 0.0)),
-            meta.get("selection"))
+            meta.get("selection"), meta.get("loss_average"))

@@ -62,12 +62,18 @@ class LossMeter:
         loss = loss.detach().float()
         if self.average is None:
             self.average = torch.full_like(loss, float("nan"))
+        elif self.average.device != loss.device:  # restored from a checkpoint on the host
+            self.average = self.average.to(loss.device)
         blended = torch.where(torch.isnan(self.average), loss, 0.95 * self.average + 0.05 * loss)
         self.average = torch.where(torch.isfinite(loss), blended, self.average)
 
     def value(self) -> float | None:
         value = None if self.average is None else self.average.item()
         return None if value is None or math.isnan(value) else value
+
+    def restore(self, value: float | None) -> None:
+        """Continue from a checkpoint's ``value()``, so that a resumed run logs what the uninterrupted one does."""
+        self.average = None if value is None else torch.tensor(value, dtype=torch.float32)
 
 
 # torch optimizers whose fused implementation skips a whole update on the device when told found_inf

@@ -203,11 +203,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                       ckpt_dir, sync_free=sync_free)
 
     start_step, earlier_seconds = 0, 0.0  # earlier_seconds: training time before a resume
+    meter = LossMeter()
     if resume:
         found = latest_checkpoint(run_dir)
         if found is not None:
-            start_step, updater.bad_total, earlier_seconds, state = restore(found, model, optimizer, ema, cfg,
-                                                                            updater.scaler)
+            start_step, updater.bad_total, earlier_seconds, state, loss_average = restore(
+                found, model, optimizer, ema, cfg, updater.scaler)
+            meter.restore(loss_average)
             if selection is not None and state is not None:
                 selection = Selection.from_state(state)
             if main:
@@ -233,13 +235,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     def checkpoint(at: int) -> None:
         save_state(ckpt_dir, at, model, optimizer, ema, meta_base, updater.bad_total, cfg.keep_checkpoints,
                    earlier_seconds + time.perf_counter() - started, stream.epoch_of(at),
-                   selection.state_dict() if selection is not None else None, updater.scaler)
+                   selection.state_dict() if selection is not None else None, updater.scaler, meter.value())
 
     bar = None
     if progress and main:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, leave=False)
-    step, meter = start_step, LossMeter()
+    step = start_step
     val_specs = default_eval_specs(model, cfg.to_dict()["eval"])
     train_model.train()
     for images, targets in stream.batches(start_step, total_steps):
