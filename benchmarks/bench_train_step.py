@@ -6,7 +6,8 @@ Each round trains the study's narrow DiDiRN-18 (and its twin) on Fashion-MNIST (
 scripts/setup.sh's data step; digits when it is missing) for --steps steps with no validation, once with
 ``optim.sync_free: false`` (the loss read on the host every step) and once with ``true`` (a fused AdamW that
 skips non-finite steps on the device; the loop reads the device every 10 steps), timed from step 10 to the
-last by the training log's clock. On a GPU it also counts the synchronizing CUDA calls of each run (``torch.cuda.set_sync_debug_mode('warn')``). Reports the median
+last by the training log's clock. On a GPU it also counts the synchronizing CUDA calls of each run
+(``torch.cuda.set_sync_debug_mode('warn')``). Reports the median
 images/s per mode and their ratio per round (one process, alternating modes: these machines are noisy), and
 writes benchmarks/results/bench_train_step_<device>.json.
 """
@@ -59,7 +60,7 @@ def _run(model: str, dataset: str, resolution: int, steps: int, sync_free: bool,
         if device.startswith("cuda"):
             torch.cuda.set_sync_debug_mode("warn")
         try:
-            result = train(config, progress=False, log=lambda *_: None)
+            train(config, progress=False, log=lambda *_: None)
         finally:
             if device.startswith("cuda"):
                 torch.cuda.set_sync_debug_mode("default")
@@ -106,7 +107,8 @@ def main() -> None:
                          "checked img/s": statistics.median(r["images_per_second"] for r in runs[False]),
                          "sync-free img/s": statistics.median(r["images_per_second"] for r in runs[True]),
                          "ratio (median of rounds)": round(statistics.median(ratios), 3),
-                         "cuda syncs checked / free": f"{runs[False][0]['cuda_syncs']} / {runs[True][0]['cuda_syncs']}"})
+                         "cuda syncs checked / free":
+                             f"{runs[False][0]['cuda_syncs']} / {runs[True][0]['cuda_syncs']}"})
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     print(f"{dataset}, {args.resolution} px, batch 128, {args.steps} steps, {args.rounds} rounds; {device_name}")

@@ -753,7 +753,8 @@ def _recommendation(summary: dict, costs: dict, title: str) -> list[str]:
         table.append({"row": row, "cost": round(costs[row], 2), "saves": f"{head_cost / costs[row]:.1f}x",
                       "CP-8 minus row, top-1": f"{gap['top1']['mean']:+.2f} ± {gap['top1']['std']:.2f} "
                                                f"({gap['top1']['verdict']})",
-                      "nll_ts": f"{gap['nll_ts']['mean']:+.3f} ± {gap['nll_ts']['std']:.3f} ({gap['nll_ts']['verdict']})",
+                      "nll_ts": f"{gap['nll_ts']['mean']:+.3f} ± {gap['nll_ts']['std']:.3f} "
+                                f"({gap['nll_ts']['verdict']})",
                       "matches": matches})
     summary["recommendation"] = {"row": match, "cost": round(costs[match], 2) if match else None,
                                  "headline_cost": round(head_cost, 2), "seeds": len(summary["seeds"])}
@@ -765,7 +766,8 @@ def _recommendation(summary: dict, costs: dict, title: str) -> list[str]:
         arms = {r: i["arm"] for cell_rows in summary.get("_rows", []) for r, i in cell_rows.items()}
         text = (f"Recommended in this setting: `{match}` (arm `{arms.get(match, match)}`), the cheapest DiDiCM row "
                 f"that is not worse than the headline beyond seed noise ({round(costs[match], 2)} twin passes against "
-                f"{round(head_cost, 2)}; headline minus it: top-1 {gap['top1']['mean']:+.2f} ± {gap['top1']['std']:.2f} "
+                f"{round(head_cost, 2)}; headline minus it: top-1 {gap['top1']['mean']:+.2f} ± "
+                f"{gap['top1']['std']:.2f} "
                 f"({gap['top1']['verdict']}), NLL after scaling {gap['nll_ts']['mean']:+.3f} ± "
                 f"{gap['nll_ts']['std']:.3f} ({gap['nll_ts']['verdict']}); {seeds} seeds).")
     else:

@@ -9,32 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+# the training tests' tiny DiDiCM run on digits (12 steps of 32 images, checkpoints every 4)
+from test_training import _config, _weights  # noqa: E402
+
 import didicm.training as training
-from didicm.checkpoint import load_checkpoint
-from didicm.config import config_from_dict
 from didicm.errors import ConfigError
 from didicm.loader import TrainStream
 from didicm.training import one_step
-
-TINY = {
-    "data": {"dataset": "digits", "val_size": 0.1},
-    "model": {"name": "didicm:test_resnet"},
-    "optim": {"opt": "adamw", "lr": 3e-3, "weight_decay": 0.01, "batch_size": 32, "steps": 12, "warmup_steps": 2},
-    "eval": {"sampler": "cp", "steps": 2},
-    "checkpoint_every": 4,
-}
-
-
-def _config(tmp_path, name="run", **sections):
-    values = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
-    for key, value in sections.items():
-        values[key] = {**values.get(key, {}), **value}
-    values["output"] = str(tmp_path / name)
-    return config_from_dict(values)
-
-
-def _weights(path):
-    return load_checkpoint(path).section("model")
 
 
 @settings(max_examples=60, deadline=None)
