@@ -96,7 +96,7 @@ class OptimConfig:
     amp_dtype: str = "bfloat16"  # or 'float16' (the official --amp), with timm's NativeScaler
     max_bad_steps: int = 10  # consecutive non-finite losses before training stops
     # steps that never wait for the device: a fused torch optimizer skips a non-finite step on the device, the
-    # counts are read when logging. 'auto': on GPUs with adam/adamw/sgd; true/false to force
+    # counts are read when logging. 'auto': on GPUs with adam/adamw; true/false to force
     sync_free: bool | str = "auto"
 
 

@@ -64,8 +64,9 @@ def _count_host_reads():
             setattr(torch.Tensor, name, original)
 
 
-@pytest.mark.parametrize("sync_free", [True, False])
-def test_a_sync_free_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, sync_free):
+@pytest.mark.parametrize("model,sync_free", [("didicm:test_resnet", True), ("didicm:test_resnet", False),
+                                             ("unet", True)])
+def test_a_sync_free_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch, model, sync_free):
     reads = []
     real_call = one_step.Updater.__call__
 
@@ -89,8 +90,11 @@ def test_a_sync_free_step_reads_nothing_back_from_the_device(tmp_path, monkeypat
             yield item
 
     monkeypatch.setattr(TrainStream, "batches", counted_batches)
-    # a DiDiCM model with augmentation: the loss, the sampler of noisy labels and the batch gather all run
-    cfg = _config(tmp_path, optim={"sync_free": sync_free}, data={"augment": True})
+    # with augmentation: the batch gather, the augmentation and the model's loss (DiDiCM's noisy labels and score
+    # entropy, or the generative UNet's epsilon loss) all run
+    kwargs = {"channels": [16, 32], "timesteps": 200} if model == "unet" else {}
+    cfg = _config(tmp_path, optim={"sync_free": sync_free}, data={"augment": True},
+                  model={"name": model, "kwargs": kwargs})
     training.train(cfg, progress=False, log=lambda *_: None)
     assert len(reads) == 2 * 12 + 1  # [fetch 0, step 0, fetch 1, step 1, ..., the end of the stream]
     if sync_free:  # the first fetch draws epoch 0's order on the host (once per epoch); nothing else reads
@@ -110,27 +114,81 @@ def test_sync_free_skips_the_same_steps_as_the_checked_path(tmp_path, monkeypatc
 
     monkeypatch.setattr(one_step, "diffusion_loss", sometimes_nan)
     logs = []
-    free = training.train(_config(tmp_path, "free", optim={"sync_free": True}), progress=False, log=logs.append)
+    options = {"sync_free": True, "ema_decay": 0.9}  # the EMA must skip the same steps
+    free = training.train(_config(tmp_path, "free", optim=options), progress=False, log=logs.append)
     # the checked path with the same fused optimizer, so that the two runs can be compared bit for bit
     from didicm.training import train_loop
     real_create = train_loop.create_optimizer_v2
     monkeypatch.setattr(train_loop, "create_optimizer_v2", lambda *a, **k: real_create(*a, **{**k, "fused": True}))
     calls["n"] = 0
-    checked = training.train(_config(tmp_path, "checked", optim={"sync_free": False}), progress=False,
+    checked = training.train(_config(tmp_path, "checked", optim={**options, "sync_free": False}), progress=False,
                              log=lambda *_: None)
     assert free.bad_steps == checked.bad_steps == 3
     assert free.metrics["bad_steps"] == 3
-    assert any("3 non-finite losses skipped" in line for line in logs)
+    assert any("3 steps with non-finite losses or gradients skipped" in line for line in logs)
     a, b = _weights(tmp_path / "free" / "model.safetensors"), _weights(tmp_path / "checked" / "model.safetensors")
     for key in a:  # a skipped step taken, or a good one dropped, would change the weights
         assert torch.equal(a[key], b[key]), key
+
+
+def _nan_only_in_gradients(monkeypatch, at_calls):
+    """A head that outputs NaN at the reference label c_t on some training calls: the model then masks that entry
+    to exactly 0, so the loss is finite, while the backward pass carries the NaN into the weights' gradients."""
+    real_create = training.model_zoo.create
+    calls = {"n": 0}
+
+    def create(*args, **kwargs):
+        model = real_create(*args, **kwargs)
+        real_forward = model.head.forward
+
+        def forward(z, c, sigma):
+            out = real_forward(z, c, sigma)
+            if model.training:
+                calls["n"] += 1
+                if calls["n"] in at_calls:
+                    return out * torch.ones_like(out).scatter(1, c.view(-1, 1), float("nan"))
+            return out
+
+        model.head.forward = forward
+        return model
+
+    monkeypatch.setattr(training.model_zoo, "create", create)
+
+
+def test_sync_free_skips_a_step_whose_nan_reaches_only_the_gradients(tmp_path, monkeypatch):
+    _nan_only_in_gradients(monkeypatch, at_calls=(2, 5))
+    result = training.train(_config(tmp_path, optim={"sync_free": True}), progress=False, log=lambda *_: None)
+    assert result.bad_steps == 2 and result.steps_done == 12
+    for value in result.model.state_dict().values():
+        assert torch.isfinite(value).all() if value.is_floating_point() else True
+    # the checked path reads the gradients' norm too, and skips the same steps, bit for bit (same fused AdamW)
+    _nan_only_in_gradients(monkeypatch, at_calls=(2, 5))
+    from didicm.training import train_loop
+    real_create = train_loop.create_optimizer_v2
+    monkeypatch.setattr(train_loop, "create_optimizer_v2", lambda *a, **k: real_create(*a, **{**k, "fused": True}))
+    checked = training.train(_config(tmp_path, "checked", optim={"sync_free": False}), progress=False,
+                             log=lambda *_: None)
+    assert checked.bad_steps == 2
+    a, b = _weights(tmp_path / "run" / "model.safetensors"), _weights(tmp_path / "checked" / "model.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_checkpoint_of_an_unfused_run_resumes_sync_free(tmp_path):
+    # the optimizer's saved param groups say fused=None; the resumed run must still step the fused way
+    cfg = _config(tmp_path, optim={"sync_free": False})
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, progress=False, log=lambda *_: None, fault_after_steps=5)
+    resumed = _config(tmp_path, optim={"sync_free": True})
+    result = training.train(resumed, resume=True, progress=False, log=lambda *_: None)
+    assert result.steps_done == 12 and result.bad_steps == 0
 
 
 def test_sync_free_stops_after_too_many_consecutive_bad_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(one_step, "diffusion_loss",
                         lambda *a, **k: torch.full((32,), float("inf"), requires_grad=True))
     cfg = _config(tmp_path, optim={"max_bad_steps": 3, "sync_free": True})
-    with pytest.raises(training.TrainingError, match="10 consecutive non-finite losses at step 10"):
+    with pytest.raises(training.TrainingError, match="10 consecutive non-finite losses or gradients at step 10"):
         training.train(cfg, progress=False, log=lambda *_: None)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import value_checks_enabled
 from ..errors import ConfigError, InputError
 from .layers import unwrap_model
 
@@ -80,7 +81,7 @@ class ConditionalUNet(nn.Module):
 
     def forward(self, noisy: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The predicted noise [B, C, H, W]; labels [B] in 0..K (K = unconditional)."""
-        if labels.min() < 0 or labels.max() > self.num_classes:
+        if value_checks_enabled() and (labels.min() < 0 or labels.max() > self.num_classes):
             raise InputError(f"labels must lie in 0..{self.num_classes} (K = {self.num_classes} is the null "
                              f"class), got {labels.min().item()}..{labels.max().item()}")
         # diffusers' UNet halves the sides levels-1 times and concatenates skips of equal size, so other sizes

@@ -76,21 +76,24 @@ class LossMeter:
         self.average = None if value is None else torch.tensor(value, dtype=torch.float32)
 
 
-# torch optimizers whose fused implementation skips a whole update on the device when told found_inf
-FUSED_OPTIMIZERS = ("adam", "adamw", "sgd", "momentum", "nesterov")
+# torch optimizers whose fused implementation skips a whole update on the device when told found_inf (fused SGD
+# is left out: a skipped first step leaves its momentum buffers uninitialised)
+FUSED_OPTIMIZERS = ("adam", "adamw")
 
 
 class Updater:
     """Runs one training step of any didicm model kind; counts and limits non-finite losses.
 
-    Two ways to skip a step whose loss is not finite, with the same result (weights and optimizer state
-    untouched, the step counted):
-      - checked (the default off a GPU): the loss is read on the host before backward;
-      - sync-free (``sync_free``, a fused torch optimizer): backward always runs and the fused update is told
-        ``found_inf`` on the device, so no step waits for the GPU. The counts live on the device and are read
-        by ``check()`` when the loop logs (every 10 steps), which then stops a run that failed
-        ``optim.max_bad_steps`` times in a row. One difference: EMA still averages on a skipped step (towards
-        the unchanged weights).
+    Two ways to skip a step whose loss or gradients are not finite (weights, optimizer state and EMA untouched,
+    the step counted):
+      - checked (the default off a GPU): the loss is read on the host before backward, the gradients' norm
+        after it;
+      - sync-free (``sync_free``, a fused torch optimizer): backward always runs, and the fused update and the EMA
+        are gated on the device by whether the loss and the gradients are finite (so a NaN that only reaches the
+        gradients is skipped too); no step waits for the GPU. The counts live on the device and are read by
+        ``check()`` when the loop logs (every 10 steps), which then stops a run that failed
+        ``optim.max_bad_steps`` times in a row. With float16, timm's scaler also lowers its scale on such a
+        step (the checked path never runs backward on it).
 
     Args:
         model: the module to call (DDP-wrapped under torchrun); ``base``: the unwrapped model (clipping, EMA).
@@ -152,53 +155,92 @@ class Updater:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         self.optimizer.zero_grad(set_to_none=True)
         if self.sync_free:
-            self._update_without_sync(loss, finite)
-        elif finite.item() < 1:
-            self._skip(loss, step, main)
+            finite = self._update_without_sync(loss, finite)
+            if self.ema is not None:
+                self._gated_ema_update(step, finite)
+            return torch.where(finite > 0, loss.detach(), torch.full_like(loss.detach(), float("nan")))
+        if finite.item() < 1:
+            self._skip(f"non-finite loss ({loss.item()})", step, main)
             return loss.detach()
-        else:
-            self.consecutive_bad = 0
-            self._update(loss)
+        if not self._update(loss):
+            self._skip("non-finite gradients", step, main)
+            return torch.full_like(loss.detach(), float("nan"))
+        self.consecutive_bad = 0
         if self.ema is not None:
             self.ema.update(self.base, step=step)
         return loss.detach()
 
-    def _update(self, loss: torch.Tensor) -> None:
+    def _grads_finite(self) -> torch.Tensor:
+        """1.0 when every gradient is finite, else 0.0 (float32, on the device; identical on every process after
+        DDP's all-reduce). A NaN can reach the gradients with a finite loss, e.g. through an entry the loss masks."""
+        grads = [p.grad for p in self.base.parameters() if p.grad is not None]
+        if not grads:
+            return torch.ones((), device=self.device)
+        return torch.isfinite(torch.nn.utils.get_total_norm(grads)).to(torch.float32)
+
+    def _update(self, loss: torch.Tensor) -> bool:
+        """Checked path: backward and the update; False (nothing updated) when the gradients are not finite."""
         clip = self.cfg.optim.clip_grad
         if self.scaler is not None:  # scaled backward, unscale, clip, step (skipped on overflow), rescale
             self.scaler(loss, self.optimizer, clip_grad=clip, parameters=self.base.parameters())
-        else:
-            loss.backward()
-            if clip:
-                torch.nn.utils.clip_grad_norm_(self.base.parameters(), clip)
-            self.optimizer.step()
+            return True
+        loss.backward()
+        if self._grads_finite().item() < 1:
+            self.optimizer.zero_grad(set_to_none=True)
+            return False
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.base.parameters(), clip)
+        self.optimizer.step()
+        return True
 
-    def _update_without_sync(self, loss: torch.Tensor, finite: torch.Tensor) -> None:
+    def _update_without_sync(self, loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        """Backward and the gated update; returns 1.0 (the step was taken) or 0.0 (skipped), on the device."""
         if self.scaler is not None:
             # a non-finite loss gives non-finite scaled gradients: the scaler's fused step skips on its own
-            self._update(loss)
+            self.scaler(loss, self.optimizer, clip_grad=self.cfg.optim.clip_grad, parameters=self.base.parameters())
         else:
+            loss.backward()
+            finite = finite * self._grads_finite()
+            if self.cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.base.parameters(), self.cfg.optim.clip_grad)
             self.optimizer.found_inf = 1.0 - finite  # the fused update is a no-op when this is 1
             try:
-                self._update(loss)
+                self.optimizer.step()
             finally:
                 del self.optimizer.found_inf
         bad = (finite < 1).to(torch.int64)
         total, run, worst = self._counts.unbind()
         run = (run + 1) * bad
         self._counts = torch.stack([total + bad, run, torch.maximum(worst, run)])
+        return finite
 
-    def _skip(self, loss: torch.Tensor, step: int, main: bool) -> None:
+    @torch.no_grad()
+    def _gated_ema_update(self, step: int, taken: torch.Tensor) -> None:
+        """timm ModelEmaV3's update (floating tensors interpolated, the others copied) with its weight times
+        ``taken`` (a device 0/1), so a skipped step leaves the average alone without a host read. A 0-dim weight
+        tensor gives the same bits as timm's float weight."""
+        weight = taken * (1.0 - self.ema.get_decay(step))
+        ema_values, model_values = [], []
+        for ema_v, model_v in zip(self.ema.module.state_dict().values(), self.base.state_dict().values(),
+                                  strict=True):
+            if ema_v.is_floating_point():
+                ema_values.append(ema_v)
+                model_values.append(model_v)
+            else:
+                ema_v.copy_(model_v)
+        torch._foreach_lerp_(ema_values, model_values, [weight] * len(ema_values))
+
+    def _skip(self, what: str, step: int, main: bool) -> None:
         self.consecutive_bad += 1
         self._bad_total += 1
         if main:
-            self.log(f"step {step}: non-finite loss ({loss.item()}), step skipped "
-                     f"({self.consecutive_bad} in a row, {self._bad_total} in all)")
+            self.log(f"step {step}: {what}, step skipped ({self.consecutive_bad} in a row, {self._bad_total} in all)")
         if self.consecutive_bad >= self.cfg.optim.max_bad_steps:
             raise TrainingError(self._stop_message(self.consecutive_bad, step))
 
     def _stop_message(self, count: int, step: int) -> str:
-        return (f"{count} consecutive non-finite losses at step {step}: training stopped. Check the inputs for "
+        return (f"{count} consecutive non-finite losses or gradients at step {step}: training stopped. Check the "
+                f"inputs for "
                 f"NaN/Inf, lower optim.lr, or set optim.clip_grad; the last complete checkpoint is in "
                 f"{self.ckpt_dir}")
 
@@ -210,7 +252,8 @@ class Updater:
         total, run, worst = self._counts.tolist()
         total += self._bad_total
         if main and total > self._reported:
-            self.log(f"steps up to {step}: {total - self._reported} non-finite losses skipped ({total} in all)")
+            self.log(f"steps up to {step}: {total - self._reported} steps with non-finite losses or gradients "
+                     f"skipped ({total} in all)")
         self._reported = total
         if worst >= self.cfg.optim.max_bad_steps:
             raise TrainingError(self._stop_message(worst, step))
