@@ -445,7 +445,6 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                 info.update(_row_metrics(arrays, row, arm.get("trajectory")))
         _save_predictions(pred_path, arrays)
         record["commit"] = _commit()
-        record["cost"] = _cell_cost(record)
         write_json(cell_path, record)
         log(f"[{name}] {arm_name}: " + ", ".join(
             f"{row} {info['top1']:.2f}%" for row, info in record["rows"].items() if info["arm"] == arm_name) +
@@ -584,7 +583,7 @@ def aggregate(spec: dict, command: str) -> dict:
     cells = [c for c in cells if c.get("protocol") == spec["protocol"] and c.get("rows")]
     if not cells:
         raise ConfigError(f"no finished cells under {out / 'cells'}; run the study first")
-    # cost is derived from the arms: cells written before it was kept get it here
+    # cost is derived from each cell's arms, here only
     light = [{**{k: v for k, v in c.items() if k != "trajectories"}, "cost": _cell_cost(c)} for c in cells]
     summaries = _summaries(spec, cells)
     study = {"dataset": spec["dataset"], "protocol": spec["protocol"], "command": command, "config": spec["_path"],
@@ -756,20 +755,20 @@ def _recommendation(summary: dict, costs: dict, title: str) -> list[str]:
                       "nll_ts": f"{gap['nll_ts']['mean']:+.3f} ± {gap['nll_ts']['std']:.3f} "
                                 f"({gap['nll_ts']['verdict']})",
                       "matches": matches})
+    seeds = len(summary["seeds"])
     summary["recommendation"] = {"row": match, "cost": round(costs[match], 2) if match else None,
-                                 "headline_cost": round(head_cost, 2), "seeds": len(summary["seeds"])}
+                                 "headline_cost": round(head_cost, 2), "seeds": seeds}
     if not table:
         return []
-    seeds = len(summary["seeds"])
     if match:
         gap = summary["gaps"][match]
         arms = {r: i["arm"] for cell_rows in summary.get("_rows", []) for r, i in cell_rows.items()}
         text = (f"Recommended in this setting: `{match}` (arm `{arms.get(match, match)}`), the cheapest DiDiCM row "
                 f"that is not worse than the headline beyond seed noise ({round(costs[match], 2)} twin passes against "
                 f"{round(head_cost, 2)}; headline minus it: top-1 {gap['top1']['mean']:+.2f} ± "
-                f"{gap['top1']['std']:.2f} "
-                f"({gap['top1']['verdict']}), NLL after scaling {gap['nll_ts']['mean']:+.3f} ± "
-                f"{gap['nll_ts']['std']:.3f} ({gap['nll_ts']['verdict']}); {seeds} seeds).")
+                f"{gap['top1']['std']:.2f} ({gap['top1']['verdict']}), NLL after scaling "
+                f"{gap['nll_ts']['mean']:+.3f} ± {gap['nll_ts']['std']:.3f} ({gap['nll_ts']['verdict']}); "
+                f"{seeds} seeds).")
     else:
         text = ("No cheaper DiDiCM row matches the headline within seed noise in this setting; what each saves and "
                 "loses:")

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 # the training tests' tiny DiDiCM run on digits (12 steps of 32 images, checkpoints every 4)
-from test_training import _config, _weights  # noqa: E402
+from test_training import _config, _nan_losses_at, _weights  # noqa: E402
 
 import didicm.training as training
 from didicm.errors import ConfigError
@@ -103,23 +103,20 @@ def test_a_sync_free_step_reads_nothing_back_from_the_device(tmp_path, monkeypat
         assert min(reads[1::2]) >= 1
 
 
-def test_sync_free_skips_the_same_steps_as_the_checked_path(tmp_path, monkeypatch):
-    real = one_step.diffusion_loss
-    calls = {"n": 0}
-
-    def sometimes_nan(*args, **kwargs):
-        calls["n"] += 1
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] in (3, 4, 7, 15, 16, 19) else loss
-
-    monkeypatch.setattr(one_step, "diffusion_loss", sometimes_nan)
-    logs = []
-    options = {"sync_free": True, "ema_decay": 0.9}  # the EMA must skip the same steps
-    free = training.train(_config(tmp_path, "free", optim=options), progress=False, log=logs.append)
-    # the checked path with the same fused optimizer, so that the two runs can be compared bit for bit
+def _checked_path_with_a_fused_optimizer(monkeypatch):
+    """From now on train() builds the fused optimizer for the checked path too, so that the two paths can be
+    compared bit for bit."""
     from didicm.training import train_loop
     real_create = train_loop.create_optimizer_v2
     monkeypatch.setattr(train_loop, "create_optimizer_v2", lambda *a, **k: real_create(*a, **{**k, "fused": True}))
+
+
+def test_sync_free_skips_the_same_steps_as_the_checked_path(tmp_path, monkeypatch):
+    calls = _nan_losses_at(monkeypatch, (3, 4, 7, 15, 16, 19))
+    logs = []
+    options = {"sync_free": True, "ema_decay": 0.9}  # the EMA must skip the same steps
+    free = training.train(_config(tmp_path, "free", optim=options), progress=False, log=logs.append)
+    _checked_path_with_a_fused_optimizer(monkeypatch)
     calls["n"] = 0
     checked = training.train(_config(tmp_path, "checked", optim={**options, "sync_free": False}), progress=False,
                              log=lambda *_: None)
@@ -163,9 +160,7 @@ def test_sync_free_skips_a_step_whose_nan_reaches_only_the_gradients(tmp_path, m
         assert torch.isfinite(value).all() if value.is_floating_point() else True
     # the checked path reads the gradients' norm too, and skips the same steps, bit for bit (same fused AdamW)
     _nan_only_in_gradients(monkeypatch, at_calls=(2, 5))
-    from didicm.training import train_loop
-    real_create = train_loop.create_optimizer_v2
-    monkeypatch.setattr(train_loop, "create_optimizer_v2", lambda *a, **k: real_create(*a, **{**k, "fused": True}))
+    _checked_path_with_a_fused_optimizer(monkeypatch)
     checked = training.train(_config(tmp_path, "checked", optim={"sync_free": False}), progress=False,
                              log=lambda *_: None)
     assert checked.bad_steps == 2

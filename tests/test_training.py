@@ -79,16 +79,22 @@ def test_resume_with_ema_and_mixup_is_exact(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
+def _nan_losses_at(monkeypatch, at_calls) -> dict:
+    """DiDiCM's loss turns NaN on the given (1-based) calls; returns the call counter (set ["n"] = 0 to restart)."""
     real = one_step.diffusion_loss
     calls = {"n": 0}
 
     def sometimes_nan(*args, **kwargs):
         calls["n"] += 1
         loss = real(*args, **kwargs)
-        return loss * float("nan") if calls["n"] in (3, 4, 7) else loss
+        return loss * float("nan") if calls["n"] in at_calls else loss
 
     monkeypatch.setattr(one_step, "diffusion_loss", sometimes_nan)
+    return calls
+
+
+def test_non_finite_losses_are_skipped_and_counted(tmp_path, monkeypatch):
+    _nan_losses_at(monkeypatch, (3, 4, 7))
     result = training.train(_config(tmp_path), progress=False, log=lambda *_: None)
     assert result.bad_steps == 3
     assert all(torch.isfinite(v).all() for v in result.model.state_dict().values() if v.is_floating_point())

@@ -46,7 +46,12 @@ def restore(path: Path, model, optimizer, ema, cfg: TrainConfig, scaler=None
         raise CheckpointError(f"cannot resume: {path} holds model {meta.get('model_name')!r} but the config asks "
                               f"for {cfg.model.name!r}; use another output folder or the same model")
     load_state(model, ckpt.section("model"), path)
+    # load_state_dict also restores the saved param groups' implementation flags: keep this run's (a checkpoint
+    # of an unfused run resumed with a fused optimizer, e.g. sync-free on a GPU, must still step the fused way)
+    implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
     optimizer.load_state_dict(unflatten_optimizer_state(ckpt.section("optim"), meta["optimizer"]))
+    for group, flags in zip(optimizer.param_groups, implementation, strict=True):
+        group.update(flags)
     if ema is not None:
         section = ckpt.section("ema")
         if not section:

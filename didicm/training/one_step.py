@@ -5,6 +5,7 @@ learning-rate schedule in steps or epochs."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,7 @@ from timm.utils import NativeScaler
 
 from ..checks import without_value_checks
 from ..config import TrainConfig
-from ..errors import ConfigError, DidicmError
+from ..errors import DidicmError
 from ..objectives import cross_entropy_loss, diffusion_loss, epsilon_loss, noisy_label_cross_entropy
 
 __all__ = ["TrainingError", "Updater", "LossMeter", "FUSED_OPTIMIZERS", "create_lr_scheduler", "LrSchedule"]
@@ -106,10 +107,7 @@ class Updater:
         self.diffusion, self.mixup, self.ema, self.device, self.world = diffusion, mixup, ema, device, world
         self.amp_dtype, self.kind, self.log, self.ckpt_dir = amp_dtype, kind, log, ckpt_dir
         self.scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
-        if sync_free and not getattr(optimizer, "_step_supports_amp_scaling", False):
-            raise ConfigError(f"optim.sync_free needs a fused torch optimizer (optim.opt one of "
-                              f"{', '.join(FUSED_OPTIMIZERS)}), got {type(optimizer).__name__}")
-        self.sync_free = sync_free
+        self.sync_free = sync_free  # needs a fused optimizer (train() creates one; see FUSED_OPTIMIZERS)
         self.consecutive_bad, self._bad_total = 0, 0
         # sync-free counts on the device: all skipped steps, the current run of them, the longest run since check()
         self._counts = torch.zeros(3, dtype=torch.int64, device=device)
@@ -145,10 +143,8 @@ class Updater:
             images, targets = self.mixup(images, targets)
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.bfloat16,
                             enabled=self.amp_dtype is not None):
-            if self.sync_free:  # the pipeline made these inputs; NaN shows up in the loss and skips the step
-                with without_value_checks():
-                    loss = self.loss(images, targets).mean()
-            else:
+            # sync-free: the pipeline made these inputs; a NaN shows up in the loss or gradients and skips the step
+            with without_value_checks() if self.sync_free else nullcontext():
                 loss = self.loss(images, targets).mean()
         finite = torch.isfinite(loss.detach()).to(torch.float32)
         if self.world > 1:  # every process must agree to skip, or DDP's collectives would hang
@@ -170,26 +166,32 @@ class Updater:
             self.ema.update(self.base, step=step)
         return loss.detach()
 
-    def _grads_finite(self) -> torch.Tensor:
-        """1.0 when every gradient is finite, else 0.0 (float32, on the device; identical on every process after
-        DDP's all-reduce). A NaN can reach the gradients with a finite loss, e.g. through an entry the loss masks."""
-        grads = [p.grad for p in self.base.parameters() if p.grad is not None]
-        if not grads:
+    def _clip_and_check_grads(self) -> torch.Tensor:
+        """Clip the gradients (optim.clip_grad) and return 1.0 when their total norm is finite, else 0.0 (float32,
+        on the device; identical on every process after DDP's all-reduce). One norm serves both. A NaN can reach
+        the gradients with a finite loss, e.g. through an entry the loss masks; the step is then skipped, so
+        clipping by a non-finite norm does no harm."""
+        params = [p for p in self.base.parameters() if p.grad is not None]
+        if not params:
             return torch.ones((), device=self.device)
-        return torch.isfinite(torch.nn.utils.get_total_norm(grads)).to(torch.float32)
+        clip = self.cfg.optim.clip_grad
+        norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else \
+            torch.nn.utils.get_total_norm([p.grad for p in params])
+        return torch.isfinite(norm).to(torch.float32)
+
+    def _scaled_update(self, loss: torch.Tensor) -> None:
+        """float16: scaled backward, unscale, clip, step (skipped on overflow), rescale (timm's NativeScaler)."""
+        self.scaler(loss, self.optimizer, clip_grad=self.cfg.optim.clip_grad, parameters=self.base.parameters())
 
     def _update(self, loss: torch.Tensor) -> bool:
         """Checked path: backward and the update; False (nothing updated) when the gradients are not finite."""
-        clip = self.cfg.optim.clip_grad
-        if self.scaler is not None:  # scaled backward, unscale, clip, step (skipped on overflow), rescale
-            self.scaler(loss, self.optimizer, clip_grad=clip, parameters=self.base.parameters())
+        if self.scaler is not None:
+            self._scaled_update(loss)
             return True
         loss.backward()
-        if self._grads_finite().item() < 1:
+        if self._clip_and_check_grads().item() < 1:
             self.optimizer.zero_grad(set_to_none=True)
             return False
-        if clip:
-            torch.nn.utils.clip_grad_norm_(self.base.parameters(), clip)
         self.optimizer.step()
         return True
 
@@ -197,12 +199,10 @@ class Updater:
         """Backward and the gated update; returns 1.0 (the step was taken) or 0.0 (skipped), on the device."""
         if self.scaler is not None:
             # a non-finite loss gives non-finite scaled gradients: the scaler's fused step skips on its own
-            self.scaler(loss, self.optimizer, clip_grad=self.cfg.optim.clip_grad, parameters=self.base.parameters())
+            self._scaled_update(loss)
         else:
             loss.backward()
-            finite = finite * self._grads_finite()
-            if self.cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.base.parameters(), self.cfg.optim.clip_grad)
+            finite = finite * self._clip_and_check_grads()
             self.optimizer.found_inf = 1.0 - finite  # the fused update is a no-op when this is 1
             try:
                 self.optimizer.step()
@@ -240,8 +240,7 @@ class Updater:
 
     def _stop_message(self, count: int, step: int) -> str:
         return (f"{count} consecutive non-finite losses or gradients at step {step}: training stopped. Check the "
-                f"inputs for "
-                f"NaN/Inf, lower optim.lr, or set optim.clip_grad; the last complete checkpoint is in "
+                f"inputs for NaN/Inf, lower optim.lr, or set optim.clip_grad; the last complete checkpoint is in "
                 f"{self.ckpt_dir}")
 
     def check(self, step: int, main: bool) -> None:

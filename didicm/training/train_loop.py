@@ -207,14 +207,9 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if resume:
         found = latest_checkpoint(run_dir)
         if found is not None:
-            # load_state_dict restores the saved param groups' implementation flags: keep this run's (a
-            # checkpoint from an unfused run resumed sync-free must still step the fused way)
-            implementation = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
             start_step, updater.bad_total, earlier_seconds, state, loss_average = restore(
                 found, model, optimizer, ema, cfg, updater.scaler)
             meter.restore(loss_average)
-            for group, flags in zip(optimizer.param_groups, implementation, strict=True):
-                group.update(flags)
             if selection is not None and state is not None:
                 selection = Selection.from_state(state)
             if main:
