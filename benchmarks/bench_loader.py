@@ -77,8 +77,8 @@ def _timm_loader(root: Path, args):
 
     dataset = create_dataset("", root=str(root / "train"), is_training=True)
     return create_loader(dataset, input_size=(3, args.size, args.size), batch_size=args.batch_size, is_training=True,
-                         use_prefetcher=True, device=torch.device("cpu"), num_workers=args.workers, auto_augment=AUTO_AUGMENT,
-                         interpolation="random", persistent_workers=False)
+                         use_prefetcher=True, device=torch.device("cpu"), num_workers=args.workers,
+                         auto_augment=AUTO_AUGMENT, interpolation="random", persistent_workers=False)
 
 
 def _didicm_batches(root: Path, args, start: int):
@@ -132,8 +132,8 @@ def _startup_child(root: str, mode: str) -> None:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
-    import torch  # noqa: F401  (imported before measuring: every rank has it loaded anyway)
     import timm.data  # noqa: F401
+    import torch  # noqa: F401  (imported before measuring: every rank has it loaded anyway)
 
     from didicm.data import create_dataset
     from didicm.loader import TrainStream
@@ -207,7 +207,8 @@ def main() -> None:
         print(f"| ratio didicm / timm | {t['ratio_didicm_to_timm']:.3f} |")
     s = results.get("startup")
     if s:
-        print(f"\n| listing of {s['listing_files']} files | seconds | resident MB (growth) | list bytes |\n|---|---|---|---|")
+        print(f"\n| listing of {s['listing_files']} files | seconds | resident MB (growth) | list bytes |\n"
+              "|---|---|---|---|")
         for mode in ("didicm", "python_list"):
             r = s[mode]
             print(f"| {mode} | {r['seconds']:.2f} | {r['rss_mb']:.0f} ({r['rss_growth_mb']:+.0f}) | "

@@ -1,15 +1,17 @@
-"""Training throughput of the study's network, checked steps against sync-free steps, in one process.
+"""Training throughput of the study's network with a runtime option off and on, in one process.
 
-    python benchmarks/bench_train_step.py [--device cuda] [--steps 300] [--rounds 3] [--resolution 28]
+    python benchmarks/bench_train_step.py [--compare sync_free|channels_last] [--device cuda] [--steps 300]
+        [--rounds 3] [--resolution 28] [--threads N]
 
 Each round trains the study's narrow DiDiRN-18 (and its twin) on Fashion-MNIST (installed by
 scripts/setup.sh's data step; digits when it is missing) for --steps steps with no validation, once with
 ``optim.sync_free: false`` (the loss read on the host every step) and once with ``true`` (a fused AdamW that
 skips non-finite steps on the device; the loop reads the device every 10 steps), timed from step 10 to the
 last by the training log's clock. On a GPU it also counts the synchronizing CUDA calls of each run
-(``torch.cuda.set_sync_debug_mode('warn')``). Reports the median
-images/s per mode and their ratio per round (one process, alternating modes: these machines are noisy), and
-writes benchmarks/results/bench_train_step_<device>.json.
+(``torch.cuda.set_sync_debug_mode('warn')``). ``--compare channels_last`` instead trains with NCHW and with NHWC
+weights (``channels_last``), checked steps both. Reports the median images/s per mode and their ratio per round
+(one process, alternating modes: these machines are noisy), and writes
+benchmarks/results/bench_train_step_<device>[_channels_last].json.
 """
 
 from __future__ import annotations
@@ -43,16 +45,21 @@ def _dataset() -> str:
         return "digits"
 
 
-def _run(model: str, dataset: str, resolution: int, steps: int, sync_free: bool, device: str, out: Path) -> dict:
+def _run(model: str, dataset: str, resolution: int, steps: int, option: str, on: bool, device: str, out: Path
+         ) -> dict:
     values = {
         "data": {"dataset": dataset, "val_size": 5000 if dataset == "fashion-mnist" else 0.1,
                  "degradation": None if resolution == 28 else f"resize={resolution}"},
         "model": {"name": model, "kwargs": {"width": 16, "stem": "imagenet"}},
         "optim": {"opt": "adamw", "lr": 2e-3, "weight_decay": 0.05, "batch_size": 128, "steps": steps,
-                  "warmup_steps": 50, "sync_free": sync_free},
+                  "warmup_steps": 50, "sync_free": False},
         "eval": {"sampler": "cp", "steps": 1, "batch_size": 512},
         "checkpoint_every": 10 * steps, "device": device, "output": str(out),
     }
+    if option == "sync_free":
+        values["optim"]["sync_free"] = on
+    else:
+        values[option] = on
     config = config_from_dict(values)
     syncs = None
     with warnings.catch_warnings(record=True) as caught:
@@ -79,6 +86,8 @@ def _run(model: str, dataset: str, resolution: int, steps: int, sync_free: bool,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", choices=("sync_free", "channels_last"), default="sync_free",
+                        help="the option trained off and on")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
@@ -90,35 +99,39 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dataset = _dataset()
+    names = {False: "checked", True: "sync-free"} if args.compare == "sync_free" else {False: "NCHW", True: "NHWC"}
     rows, raw = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        _run("didirn18_twin", dataset, args.resolution, 20, False, args.device, Path(tmp) / "warm-up")  # data cache
+        _run("didirn18_twin", dataset, args.resolution, 20, args.compare, False, args.device,
+             Path(tmp) / "warm-up")  # data cache
         for model in ("didirn18", "didirn18_twin"):
             runs = {False: [], True: []}
             for round_ in range(args.rounds):
-                for sync_free in (False, True) if round_ % 2 == 0 else (True, False):
-                    out = Path(tmp) / f"{model}_{sync_free}_{round_}"
-                    runs[sync_free].append(_run(model, dataset, args.resolution, args.steps, sync_free, args.device,
-                                                out))
-            raw[model] = {("sync_free" if k else "checked"): v for k, v in runs.items()}
+                for on in (False, True) if round_ % 2 == 0 else (True, False):
+                    out = Path(tmp) / f"{model}_{on}_{round_}"
+                    runs[on].append(_run(model, dataset, args.resolution, args.steps, args.compare, on, args.device,
+                                         out))
+            raw[model] = {names[k]: v for k, v in runs.items()}
             ratios = [f["images_per_second"] / c["images_per_second"]
                       for c, f in zip(runs[False], runs[True], strict=True)]
             rows.append({"model": model,
-                         "checked img/s": statistics.median(r["images_per_second"] for r in runs[False]),
-                         "sync-free img/s": statistics.median(r["images_per_second"] for r in runs[True]),
+                         f"{names[False]} img/s": statistics.median(r["images_per_second"] for r in runs[False]),
+                         f"{names[True]} img/s": statistics.median(r["images_per_second"] for r in runs[True]),
                          "ratio (median of rounds)": round(statistics.median(ratios), 3),
-                         "cuda syncs checked / free":
-                             f"{runs[False][0]['cuda_syncs']} / {runs[True][0]['cuda_syncs']}"})
+                         "cuda syncs off / on": f"{runs[False][0]['cuda_syncs']} / {runs[True][0]['cuda_syncs']}"})
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
         f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    print(f"{dataset}, {args.resolution} px, batch 128, {args.steps} steps, {args.rounds} rounds; {device_name}")
+    print(f"{args.compare} off/on; {dataset}, {args.resolution} px, batch 128, {args.steps} steps, {args.rounds} "
+          f"rounds; {device_name}")
     columns = list(rows[0])
     print(" | ".join(columns))
     for row in rows:
         print(" | ".join(str(row[c]) for c in columns))
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench_train_step_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
-    path.write_text(json.dumps({"device": device_name, "dataset": dataset, "resolution": args.resolution,
+    suffix = "" if args.compare == "sync_free" else f"_{args.compare}"
+    path = RESULTS / f"bench_train_step_{'cuda' if args.device.startswith('cuda') else 'cpu'}{suffix}.json"
+    path.write_text(json.dumps({"compare": args.compare, "device": device_name, "dataset": dataset,
+                                "resolution": args.resolution,
                                 "steps": args.steps, "rounds": args.rounds, "torch": torch.__version__,
                                 "python": platform.python_version(), "rows": rows, "runs": raw}, indent=2))
     print(f"wrote {path}")

@@ -126,6 +126,9 @@ class TrainConfig:
     eval_every: int = 0  # validate every this many steps (0: see eval_every_epochs)
     eval_every_epochs: float = 0.0  # ...or every this many epochs; with both, the longer interval
     device: str = "auto"
+    # timm's --channels-last: weights (so activations) in NHWC. Speed only, not the recipe: the narrow study network
+    # steps faster at 28 px on CPU, wider ones at 32 px slower (benchmarks/bench_train_step.py --compare channels_last)
+    channels_last: bool = False
     dist_timeout: float = 30.0  # minutes a process waits at a collective (e.g. while others evaluate)
 
     def to_dict(self) -> dict:
@@ -191,6 +194,8 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout must be a positive number of minutes, got {self.dist_timeout!r}")
         if o.max_bad_steps < 1:
             raise ConfigError(f"optim.max_bad_steps must be >= 1, got {o.max_bad_steps!r}")
+        if not isinstance(self.channels_last, bool):
+            raise ConfigError(f"channels_last must be true or false, got {self.channels_last!r}")
         if not isinstance(o.sync_free, bool) and o.sync_free != "auto":
             raise ConfigError(f"optim.sync_free must be true, false or 'auto', got {o.sync_free!r}")
         return self

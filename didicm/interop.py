@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import is_torch_file, safe_torch_load
+from .data.folder import FOLDER_CROP_PCT
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["load_model", "export_official", "official_to_didicm", "didicm_to_official", "OFFICIAL_TO_DIDICM",
@@ -258,8 +259,12 @@ def _official_meta(path: Path, name: str, num_classes: int, in_chans: int, model
     config["model"].update(name=name, kwargs=model_kwargs)
     mean = [float(v) for v in _arg(args, "mean", OFFICIAL_MEAN)]
     std = [float(v) for v in _arg(args, "std", OFFICIAL_STD)]
+    # the official validate.py evaluates with timm's transform: --crop-pct, else timm's default 0.875
+    preprocess = {"geometry": "center_crop", "crop_pct": float(_arg(args, "crop_pct", FOLDER_CROP_PCT)),
+                  "interpolation": _arg(args, "interpolation", "") or "bilinear"}
     return dict(format="official", source=str(path), ema=ema, model_name=name, model_kwargs=model_kwargs,
                 num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std,
+                preprocess=preprocess,
                 classes=[str(i) for i in range(num_classes)], method="didicm", config=config,
                 args={k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, list, tuple, dict))
                       or v is None}, **{k: v for k, v in extras.items() if k != "version"})
@@ -358,6 +363,7 @@ def export_official(src: str | Path, out: str | Path, ema: bool = False) -> Path
         state = didicm_to_official(state)
     config = meta["config"]
     size = int(meta["image_size"])
+    preprocess = meta.get("preprocess") or {}  # a plain resize (in-memory sets) is crop_pct 1 on square images
     model_kwargs = {}
     embed_dim = (meta.get("model_kwargs") or {}).get("embed_dim", 128)
     if is_didirn and embed_dim != 128:
@@ -368,6 +374,7 @@ def export_official(src: str | Path, out: str | Path, ema: bool = False) -> Path
     args = argparse.Namespace(
         model=name, num_classes=meta["num_classes"], in_chans=meta["in_chans"],
         input_size=[meta["in_chans"], size, size], img_size=size, mean=list(meta["mean"]), std=list(meta["std"]),
+        crop_pct=float(preprocess.get("crop_pct", 1.0)), interpolation=preprocess.get("interpolation", "bilinear"),
         model_kwargs=model_kwargs,
         data_ratio=config["data"].get("data_ratio"), model_ema=bool(ema),
         diffusion_enabled=is_didirn, diffusion_noise=config["diffusion"]["schedule"],

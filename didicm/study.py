@@ -62,6 +62,8 @@ REPORTED = ("top1", "nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "aurc
 SIGNALS = tuple(f"auroc_{shift}_{score}" for shift in ("digits", "noise")
                 for score in ("maxprob", "entropy", "settle", "path_entropy")) + ("aurc_settle", "aurc_path_entropy")
 ARM_KEYS = ("where", "predict", "ensemble", "trajectory", "describe")
+# how fast, not what: merged into every arm's training config but not into its recipe, so finished arms stay cached
+RUNTIME_KEYS = ("channels_last", "device")
 WHERE = ("all", "hard", "extremes")
 OOD_SETS = ("digits", "noise")
 
@@ -80,6 +82,10 @@ def load_study(path: str | Path) -> dict:
     if spec["protocol"] not in ("resize", "resolution"):
         raise ConfigError(f"study protocol must be 'resize' (the network sees R x R, the paper's) or 'resolution' "
                           f"(down to R, back up to the native size), got {spec['protocol']!r}")
+    runtime = spec.setdefault("runtime", {})
+    if not isinstance(runtime, dict) or set(runtime) - set(RUNTIME_KEYS):
+        raise ConfigError(f"study runtime takes {{{', '.join(RUNTIME_KEYS)}}} (settings that change speed, not the "
+                          f"recipe), got {runtime!r}")
     arms = spec["arms"]
     if "twin" not in arms or HEADLINE not in arms:
         raise ConfigError(f"a study needs the arms 'twin' and {HEADLINE!r}; it has {sorted(arms)}")
@@ -298,6 +304,7 @@ def _train_arm(spec: dict, name: str, resolution: int, ratio: float, seed: int, 
     suffix = f"_m{member}" if member else ""
     values["output"] = str(Path(spec.get("runs", "runs/study")) / _cell_name(resolution, ratio, seed) /
                            f"{name}{suffix}-{recipe}")
+    values.update(spec.get("runtime", {}))
     config = config_from_dict(values)
     log(f"[{_cell_name(resolution, ratio, seed)}] training {name}{suffix} ({config.model.name}, at most "
         f"{config.optim.epochs:g} epochs, select {config.eval.select})")
@@ -308,6 +315,7 @@ def _train_arm(spec: dict, name: str, resolution: int, ratio: float, seed: int, 
               "best_epoch": selection.get("best_epoch"), "best_step": selection.get("best_step"),
               "converged": selection.get("converged"), "stopped_early": selection.get("stopped_early"),
               "select": selection.get("metric"), "validations": len(selection.get("history", [])),
+              "channels_last": config.channels_last,
               "train_images_per_second": round(result.metrics["steps_run"] * config.optim.batch_size
                                                / max(result.metrics["train_seconds"], 1e-9), 1)}
     return result, record

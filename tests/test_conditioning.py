@@ -99,7 +99,8 @@ def test_explicit_four_stages_is_the_default():
     torch.manual_seed(0)
     explicit = timm.create_model("didirn18", num_classes=K, width=8, stem="small", conditioned_stages=4)
     assert default.state_dict().keys() == explicit.state_dict().keys()
-    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), explicit.state_dict().values(),
+                                                      strict=True))
 
 
 # ---- structure -------------------------------------------------------------------------------------------

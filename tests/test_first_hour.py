@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from didicm import DataError, create_dataset, dataset_info
@@ -16,7 +17,8 @@ def _png_folder(root, size=12, classes=("a", "b"), per_class=3, splits=("train",
         for name in classes:
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+                pixels = rng.integers(0, 255, (size, size), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
     return root
 
 
@@ -81,3 +83,35 @@ def test_small_images_get_the_recipe_only_where_nothing_was_set():
     values, filled = fit_to_data({"optim": {"lr": 5e-3, "steps": 40}, "model": {"name": "didicm:resnet18"}}, 8)
     assert filled == ["optim.batch_size"] and "kwargs" not in values["model"]
     assert fit_to_data({}, 224) == ({}, [])
+
+
+def test_predict_prepares_a_file_exactly_as_evaluation_does(tmp_path):
+    """A folder-trained model evaluates on timm's resize + centre crop; `didicm predict` must feed it the same
+    tensor, not the whole image squashed to a square (these files are 40 x 52)."""
+    from test_recipes import make_jpegs
+
+    from didicm.data.inputs import load_image_for_model
+
+    root = make_jpegs(tmp_path / "jpegs")
+    evaluation = create_dataset(f"folder:{root}", "test", image_size=32)
+    meta = {"in_chans": 3, "image_size": 32, "mean": list(evaluation.mean), "std": list(evaluation.std)}
+    assert evaluation.preprocess["geometry"] == "center_crop"
+    for index in range(len(evaluation)):
+        path = evaluation.samples[index][0]
+        expected = evaluation[index][0]
+        assert torch.equal(load_image_for_model(path, dict(meta, preprocess=evaluation.preprocess)), expected)
+        assert not torch.equal(load_image_for_model(path, meta), expected)  # what predict did before
+
+
+def test_a_trained_model_records_how_its_files_are_prepared(tmp_path):
+    from didicm.checkpoint import load_checkpoint
+    from didicm.config import config_from_dict
+    from didicm.training import train
+
+    root = _png_folder(tmp_path, size=12)
+    config = config_from_dict({"data": {"dataset": f"folder:{root}", "val_size": 2, "transform": {"crop_pct": 0.9}},
+                               "model": {"name": "test_resnet"}, "optim": {"steps": 2, "batch_size": 4},
+                               "output": str(tmp_path / "run")})
+    train(config, progress=False, log=lambda *_: None)
+    meta = load_checkpoint(tmp_path / "run" / "model.safetensors").meta
+    assert meta["preprocess"] == {"geometry": "center_crop", "crop_pct": 0.9, "interpolation": "bilinear"}

@@ -196,6 +196,8 @@ def test_bottleneck_variant_and_input_size(tmp_path):
     model, _, meta = didicm.load_model(path)
     assert meta["model_name"] == "didirn50" and meta["num_classes"] == 5 and meta["image_size"] == 40
     assert meta["config"]["eval"]["sampler"] == "cl" and meta["config"]["eval"]["chains"] == 3
+    # the official validate.py's timm transform, its defaults (no --crop-pct, no --interpolation)
+    assert meta["preprocess"] == {"geometry": "center_crop", "crop_pct": 0.875, "interpolation": "bilinear"}
     x, c = torch.randn(1, 3, 40, 40), torch.tensor([2])
     with torch.no_grad():
         torch.testing.assert_close(model(x, c, 0.3), _masked(ref(x, c, torch.tensor([0.3])), c), rtol=0, atol=1e-5)
@@ -307,8 +309,10 @@ def test_export_round_trips_and_matches_the_official_network(tmp_path):
     x, c, sigma = torch.randn(2, 3, 32, 32), torch.tensor([3, 8]), torch.tensor([0.2, 2.0])
     with torch.no_grad():
         torch.testing.assert_close(_masked(ref(x, c, sigma), c), model.eval()(x, c, sigma), rtol=0, atol=1e-5)
+    assert saved["args"].crop_pct == 1.0 and saved["args"].interpolation == "bilinear"  # a plain resize
     back, _, meta = didicm.load_model(out)
     assert meta["mean"] == [0.5, 0.5, 0.5] and meta["config"]["eval"]["steps"] == 6
+    assert meta["preprocess"] == {"geometry": "center_crop", "crop_pct": 1.0, "interpolation": "bilinear"}
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
 

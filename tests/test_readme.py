@@ -1,5 +1,6 @@
 """The README runs as written: its marked blocks are executed (with tiny step counts), and every `didicm` line
-in any block parses with today's command line, so the docs cannot rot.
+in any block parses with today's command line, so the docs cannot rot; the study section quotes only numbers
+that the generated report holds.
 
 A block runs when the line before it is ``<!-- readme-test: run -->``. Bash lines run one by one in a fresh
 folder that sees the repository's scripts/ and configs/, with these speed-ups appended: ``didicm train`` gets
@@ -86,3 +87,15 @@ def test_marked_block_runs(index, tmp_path):
         done = subprocess.run(["bash", "-c", _fast(line)], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=600)
         assert done.returncode == 0, f"README line failed: {line}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+
+
+def test_every_study_number_in_the_readme_is_copied_from_the_generated_report():
+    """The study section's prose is written by hand; each number in it, sign included, and each "mean ± std" pair
+    must appear in results/fashion-mnist/report.md (generated from study.json), so a retyped number fails."""
+    section = README.split("## The uncertainty study", 1)[1].split("\n## ", 1)[0]
+    report = (REPO / "results" / "fashion-mnist" / "report.md").read_text()
+    numbers = re.findall(r"(?<![\w.])[+-]?\d+\.\d+", section)
+    assert len(numbers) >= 10, "the study section quotes its results"
+    assert [n for n in numbers if n not in report] == []
+    pairs = re.findall(r"([+-]?\d+\.\d+) ± (\d+\.\d+)", section)
+    assert pairs and [p for p in pairs if f"{p[0]} ± {p[1]}" not in report] == []

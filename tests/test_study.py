@@ -121,8 +121,10 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
     quoted = re.findall(r"[+-]?\d+\.\d+", findings)
     assert quoted and all(q in values for q in quoted)
 
-    # a second run reads every arm back; a changed arm recipe recomputes that arm only
+    # a second run reads every arm back, also with runtime settings (speed, not recipe); a changed arm recipe
+    # recomputes that arm only
     capsys.readouterr()
+    spec["runtime"] = {"channels_last": True}
     _run(tmp_path, spec)
     printed = capsys.readouterr().out
     assert printed.count(": cached") == sum(len(c["arms"]) for c in study["cells"])
@@ -130,6 +132,16 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
     _run(tmp_path, spec, "--only", "res4_ratio0.5_seed0")
     printed = capsys.readouterr().out
     assert "twin_aug: cached" not in printed and "twin: cached" in printed and "didicm: cached" in printed
+    arms = json.loads((out / "cells" / "res4_ratio0.5_seed0.json").read_text())["arms"]
+    assert arms["twin_aug"]["channels_last"] is True and arms["twin"]["channels_last"] is False
+
+
+def test_study_runtime_takes_only_settings_that_change_speed(tmp_path, capsys):
+    spec = dict(STUDY, output=str(tmp_path / "results"), runtime={"channels_last": True, "lr": 0.1})
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    assert main(["study", str(config), "--no-progress"]) == 2
+    assert "study runtime takes" in capsys.readouterr().err and not (tmp_path / "results").exists()
 
 
 def _gap(top1, nll, n=2):

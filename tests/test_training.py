@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import didicm.training as training
-from didicm.training import one_step
 from didicm.checkpoint import latest_checkpoint, load_checkpoint
 from didicm.config import config_from_dict
 from didicm.errors import ConfigError, DidicmError
+from didicm.training import one_step
 
 TINY = {
     "data": {"dataset": "digits", "val_size": 0.1},

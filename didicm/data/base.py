@@ -69,6 +69,12 @@ class ClassificationDataset(Dataset):
                 f"num_classes={self.num_classes}, in_chans={self.in_chans}, image_size={self.image_size}, "
                 f"degradation={str(self.degradation) or None!r}, augment={self.augment})")
 
+    @property
+    def preprocess(self) -> dict:
+        """How an image file becomes this set's evaluation input (saved with a model, read by `didicm predict`):
+        in-memory sets hold images at one size, so a file is resized to the input size, aspect ignored."""
+        return {"geometry": "resize", "interpolation": "bilinear"}
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[..., C, H, W] float in [0, 1] -> normalized with this set's mean/std."""
         mean = torch.tensor(self.mean, dtype=images.dtype).view(-1, 1, 1)

@@ -287,8 +287,8 @@ def create_dataset(name: str, split: str, root: str | None = None, image_size: i
     hflip = _HFLIP[source.kind]
     if source.kind == "folder":
         if pipeline.output_size(1 << 20) != 1 << 20:
-            raise ConfigError(f"degradation 'resize' is for in-memory data sets; for {source.label} set data.image_size "
-                              "(--image-size) to the resolution the network should see")
+            raise ConfigError(f"degradation 'resize' is for in-memory data sets; for {source.label} set "
+                              "data.image_size (--image-size) to the resolution the network should see")
         image_size = image_size or native_folder_size(source.root / "train", folder_classes(source.root / "train"))
         return _create_folder(source, split, image_size, pipeline, augment, data_ratio,
                               val_size, int(seed), on_bad_image, ratio_rule, transform)

@@ -31,7 +31,8 @@ from ..errors import DataError
 from .base import ClassificationDataset
 from .degradations import DegradationPipeline
 
-__all__ = ["FileList", "FolderDataset", "IMAGE_EXTENSIONS", "folder_classes", "list_folder", "load_image", "find_test_dir"]
+__all__ = ["FileList", "FolderDataset", "IMAGE_EXTENSIONS", "eval_transform", "folder_classes", "list_folder",
+           "load_image", "find_test_dir"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 DEFAULT_FOLDER_SIZE = 224
@@ -269,6 +270,12 @@ TRANSFORM_KEYS = ("auto_augment", "interpolation", "train_interpolation", "color
                   "crop_pct")
 
 
+def eval_transform(image_size: int, preprocess: dict):
+    """PIL image -> [C, S, S] uint8 tensor by a ``preprocess`` description (``FolderDataset.preprocess``)."""
+    return create_transform(image_size, is_training=False, normalize=False, crop_pct=preprocess["crop_pct"],
+                            interpolation=preprocess["interpolation"])
+
+
 class FolderDataset(ClassificationDataset):
     """Images read from files; see the module docstring for layout, conversions and bad-file handling.
 
@@ -331,9 +338,13 @@ class FolderDataset(ClassificationDataset):
         self._train_transform = create_transform(self.image_size, is_training=True, normalize=False,
                                                  interpolation=options.get("train_interpolation") or "bilinear",
                                                  **train_kwargs)
-        self._eval_transform = create_transform(self.image_size, is_training=False, normalize=False,
-                                                crop_pct=options.get("crop_pct") or FOLDER_CROP_PCT,
-                                                interpolation=options.get("interpolation") or "bilinear")
+        self._eval_transform = eval_transform(self.image_size, self.preprocess)
+
+    @property
+    def preprocess(self) -> dict:
+        """timm's evaluation geometry (shorter side to size / crop_pct, centre crop), as ``_eval_transform``."""
+        return {"geometry": "center_crop", "crop_pct": self.transform_options.get("crop_pct") or FOLDER_CROP_PCT,
+                "interpolation": self.transform_options.get("interpolation") or "bilinear"}
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
         """Decode image ``index``; with 'skip', fall forward to the next readable image."""

@@ -1,8 +1,11 @@
-"""Training state on disk: resumable checkpoints (weights, optimizer, EMA, loss scaler, selection) and restoring them."""
+"""Training state on disk: resumable checkpoints (weights, optimizer, EMA, loss scaler, selection) and restoring
+them."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from ..checkpoint import flatten_optimizer_state, load_checkpoint, save_checkpoint, unflatten_optimizer_state
 from ..config import TrainConfig
@@ -36,6 +39,17 @@ def save_state(ckpt_dir: Path, step: int, model, optimizer, ema, meta_base: dict
         old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
+def _match_state_layout(optimizer) -> None:
+    """Give each per-parameter state tensor its parameter's memory layout. Checkpoints store contiguous tensors;
+    under channels_last the parameters are not, and fused optimizers want matching layouts (values unchanged)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def restore(path: Path, model, optimizer, ema, cfg: TrainConfig, scaler=None
             ) -> tuple[int, int, float, dict | None, float | None]:
     """Load a training checkpoint into the objects; returns (step, bad steps, training seconds, selection state,
@@ -52,6 +66,7 @@ def restore(path: Path, model, optimizer, ema, cfg: TrainConfig, scaler=None
     optimizer.load_state_dict(unflatten_optimizer_state(ckpt.section("optim"), meta["optimizer"]))
     for group, flags in zip(optimizer.param_groups, implementation, strict=True):
         group.update(flags)
+    _match_state_layout(optimizer)
     if ema is not None:
         section = ckpt.section("ema")
         if not section:

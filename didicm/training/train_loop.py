@@ -146,7 +146,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
 
     torch.manual_seed(cfg.seed)  # model initialisation
     model = apply_init(build_model(cfg.model.name, num_classes, in_chans, cfg.model.kwargs), cfg.model.init)
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last) if cfg.channels_last else model.to(device)
     is_diffusion = model_zoo.is_diffusion_model(model)
     is_generative = model_zoo.is_generative_model(model)
     kind = "didicm" if is_diffusion else "generative" if is_generative else "classifier"
@@ -226,11 +226,11 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             f"{in_chans}x{train_set.image_size}x{train_set.image_size}, {len(train_set)} training images, "
             f"{num_classes} classes; {total_steps} steps of {batch_size} images"
             f"{f' ({world} processes)' if world > 1 else ''}; device {where}"
-            f"{'; sync-free steps' if sync_free else ''}")
+            f"{'; sync-free steps' if sync_free else ''}{'; channels-last' if cfg.channels_last else ''}")
     meta_base = dict(config=cfg.to_dict(), classes=list(train_set.classes), num_classes=num_classes,
                      in_chans=in_chans, image_size=train_set.image_size, mean=list(train_set.mean),
-                     std=list(train_set.std), model_name=cfg.model.name, model_kwargs=cfg.model.kwargs,
-                     method=kind, world_size=world)
+                     std=list(train_set.std), preprocess=val_set.preprocess, model_name=cfg.model.name,
+                     model_kwargs=cfg.model.kwargs, method=kind, world_size=world)
 
     def checkpoint(at: int) -> None:
         save_state(ckpt_dir, at, model, optimizer, ema, meta_base, updater.bad_total, cfg.keep_checkpoints,
