@@ -16,10 +16,12 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import timm
 import torch
 
 from .checkpoint import is_torch_file, safe_torch_load
 from .data.folder import FOLDER_CROP_PCT
+from .data.inputs import preprocess_of
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["load_model", "export_official", "official_to_didicm", "didicm_to_official", "OFFICIAL_TO_DIDICM",
@@ -236,6 +238,20 @@ def _image_size(args: dict) -> int:
     return int(_arg(args, "img_size", OFFICIAL_IMAGE_SIZE))
 
 
+def _official_preprocess(name: str, args: dict) -> dict:
+    """The official validate.py's evaluation transform (timm's resolve_data_config): --crop-pct, --interpolation and
+    --crop-mode, else the model's defaults: timm's pretrained config for a timm classifier (resnet18: 0.95,
+    bicubic), timm's 0.875 / bilinear for the official DiDiRN, which has none."""
+    from .models import DIDIRN_NAMES
+
+    defaults = None if name in DIDIRN_NAMES else timm.models.get_pretrained_cfg(name)
+    interpolation = _arg(args, "interpolation", "") or getattr(defaults, "interpolation", None) or "bilinear"
+    if (_arg(args, "crop_mode", "") or getattr(defaults, "crop_mode", None)) == "squash":
+        return {"geometry": "resize", "interpolation": interpolation}
+    crop_pct = _arg(args, "crop_pct") or getattr(defaults, "crop_pct", None) or FOLDER_CROP_PCT
+    return {"geometry": "center_crop", "crop_pct": float(crop_pct), "interpolation": interpolation}
+
+
 def _official_meta(path: Path, name: str, num_classes: int, in_chans: int, model_kwargs: dict, args: dict,
                    extras: dict, ema: bool) -> dict:
     from .config import TrainConfig
@@ -259,9 +275,7 @@ def _official_meta(path: Path, name: str, num_classes: int, in_chans: int, model
     config["model"].update(name=name, kwargs=model_kwargs)
     mean = [float(v) for v in _arg(args, "mean", OFFICIAL_MEAN)]
     std = [float(v) for v in _arg(args, "std", OFFICIAL_STD)]
-    # the official validate.py evaluates with timm's transform: --crop-pct, else timm's default 0.875
-    preprocess = {"geometry": "center_crop", "crop_pct": float(_arg(args, "crop_pct", FOLDER_CROP_PCT)),
-                  "interpolation": _arg(args, "interpolation", "") or "bilinear"}
+    preprocess = _official_preprocess(name, args)
     return dict(format="official", source=str(path), ema=ema, model_name=name, model_kwargs=model_kwargs,
                 num_classes=num_classes, in_chans=in_chans, image_size=image_size, mean=mean, std=std,
                 preprocess=preprocess,
@@ -363,7 +377,7 @@ def export_official(src: str | Path, out: str | Path, ema: bool = False) -> Path
         state = didicm_to_official(state)
     config = meta["config"]
     size = int(meta["image_size"])
-    preprocess = meta.get("preprocess") or {}  # a plain resize (in-memory sets) is crop_pct 1 on square images
+    preprocess = preprocess_of(meta)
     model_kwargs = {}
     embed_dim = (meta.get("model_kwargs") or {}).get("embed_dim", 128)
     if is_didirn and embed_dim != 128:
@@ -374,7 +388,9 @@ def export_official(src: str | Path, out: str | Path, ema: bool = False) -> Path
     args = argparse.Namespace(
         model=name, num_classes=meta["num_classes"], in_chans=meta["in_chans"],
         input_size=[meta["in_chans"], size, size], img_size=size, mean=list(meta["mean"]), std=list(meta["std"]),
-        crop_pct=float(preprocess.get("crop_pct", 1.0)), interpolation=preprocess.get("interpolation", "bilinear"),
+        # timm's crop modes: 'squash' at crop_pct 1 is a plain resize to the input size
+        crop_pct=float(preprocess.get("crop_pct", 1.0)), interpolation=preprocess["interpolation"],
+        crop_mode="center" if preprocess["geometry"] == "center_crop" else "squash",
         model_kwargs=model_kwargs,
         data_ratio=config["data"].get("data_ratio"), model_ema=bool(ema),
         diffusion_enabled=is_didirn, diffusion_noise=config["diffusion"]["schedule"],

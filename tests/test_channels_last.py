@@ -8,7 +8,7 @@ import didicm.training as training
 from didicm.checkpoint import load_checkpoint
 from didicm.config import config_from_dict
 from didicm.errors import ConfigError
-from didicm.training.checkpointing import _match_state_layout
+from didicm.training.checkpointing import _match_state_layout, restore
 
 TINY = {
     "data": {"dataset": "digits", "val_size": 0.1},
@@ -50,9 +50,17 @@ def test_channels_last_trains_nhwc_weights_and_writes_files_any_model_loads(tmp_
                                    rtol=1e-5, atol=1e-5)
 
 
+def _fused(tmp_path, name, **top):
+    """Fused AdamW (sync-free steps, also on CPU): it steps wrongly, silently, when a parameter's optimizer state
+    has other strides than the parameter, as a checkpoint's contiguous state under NHWC weights would."""
+    values = {**TINY, **top, "output": str(tmp_path / name)}
+    values["optim"] = {**TINY["optim"], "sync_free": True}
+    return config_from_dict(values)
+
+
 def test_channels_last_resume_reproduces_the_uninterrupted_run(tmp_path):
-    straight = training.train(_config(tmp_path, "straight", channels_last=True), progress=False, log=_quiet)
-    interrupted = _config(tmp_path, "interrupted", channels_last=True)
+    straight = training.train(_fused(tmp_path, "straight", channels_last=True), progress=False, log=_quiet)
+    interrupted = _fused(tmp_path, "interrupted", channels_last=True)
     with pytest.raises(KeyboardInterrupt):
         training.train(interrupted, progress=False, log=_quiet, fault_after_steps=6)
     resumed = training.train(interrupted, resume=True, progress=False, log=_quiet)
@@ -62,15 +70,31 @@ def test_channels_last_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_a_checkpoint_of_an_nchw_run_resumes_in_nhwc(tmp_path):
-    nchw = _config(tmp_path, "switch")
+    nchw = _fused(tmp_path, "switch")
     with pytest.raises(KeyboardInterrupt):
         training.train(nchw, progress=False, log=_quiet, fault_after_steps=6)
-    before = load_checkpoint(tmp_path / "switch" / "checkpoints" / "step_00000004.safetensors").section("model")
-    resumed = training.train(_config(tmp_path, "switch", channels_last=True), resume=True, progress=False, log=_quiet)
+    path = tmp_path / "switch" / "checkpoints" / "step_00000004.safetensors"
+    saved = load_checkpoint(path)
+
+    # what train() builds under channels_last, then restored from the NCHW run's checkpoint
+    model = timm.create_model("didirn18", num_classes=10, in_chans=1, width=8, stem="small")
+    model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
+    step = restore(path, model, optimizer, None, _fused(tmp_path, "switch", channels_last=True))[0]
+    assert step == 4
+    names = dict(model.named_parameters())
+    assert any(_nhwc_only(p) for p in names.values())
+    for name, param in names.items():
+        assert _nhwc_only(param) or param.ndim < 4 or param.is_contiguous()
+        assert torch.equal(param.detach(), saved.section("model")[name])
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = optimizer.state[param][key]
+            assert state.stride() == param.stride(), (name, key)
+
+    resumed = training.train(_fused(tmp_path, "switch", channels_last=True), resume=True, progress=False,
+                             log=_quiet)
     assert resumed.steps_done == 10
-    after = resumed.model.state_dict()
-    assert any(not torch.equal(after[k], before[k]) for k in before)  # it trained on from the checkpoint
-    assert all(torch.isfinite(t).all() for t in after.values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in resumed.model.state_dict().values() if t.is_floating_point())
 
 
 def test_optimizer_state_takes_its_parameters_layout_with_the_same_values():

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from didicm import DataError, create_dataset, dataset_info
+from didicm.data.inputs import preprocess_of
 
 
 def _png_folder(root, size=12, classes=("a", "b"), per_class=3, splits=("train", "test")):
@@ -105,6 +106,7 @@ def test_predict_prepares_a_file_exactly_as_evaluation_does(tmp_path):
 
 def test_a_trained_model_records_how_its_files_are_prepared(tmp_path):
     from didicm.checkpoint import load_checkpoint
+    from didicm.cli import _dataset_of
     from didicm.config import config_from_dict
     from didicm.training import train
 
@@ -115,3 +117,18 @@ def test_a_trained_model_records_how_its_files_are_prepared(tmp_path):
     train(config, progress=False, log=lambda *_: None)
     meta = load_checkpoint(tmp_path / "run" / "model.safetensors").meta
     assert meta["preprocess"] == {"geometry": "center_crop", "crop_pct": 0.9, "interpolation": "bilinear"}
+    assert _dataset_of(meta, "test").preprocess == meta["preprocess"]  # `didicm eval` crops as training did
+    # a run saved before models carried it: derived from its data config the same way
+    older = {k: v for k, v in meta.items() if k != "preprocess"}
+    assert preprocess_of(older) == meta["preprocess"]
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"dataset": "digits"}, {"geometry": "resize", "interpolation": "bilinear"}),
+    ({"dataset": "folder:/not/on/this/machine"}, {"geometry": "center_crop", "crop_pct": 0.875,
+                                                  "interpolation": "bilinear"}),
+    ({"dataset": "/not/here", "transform": {"interpolation": "bicubic"}},
+     {"geometry": "center_crop", "crop_pct": 0.875, "interpolation": "bicubic"}),
+])
+def test_older_checkpoints_are_prepared_as_their_data_set_was(data, expected):
+    assert preprocess_of({"config": {"data": data}}) == expected

@@ -222,6 +222,8 @@ def test_timm_baseline_from_the_official_train_py_loads_unchanged(tmp_path):
     path = _official_file(tmp_path / "r.pth.tar", net, model="resnet18", num_classes=4, diffusion_enabled=False)
     model, diffusion, meta = didicm.load_model(path)
     assert diffusion is None and meta["method"] == "classifier"
+    # validate.py's resolve_data_config takes a timm classifier's own defaults, not the DiDiRN's
+    assert meta["preprocess"] == {"geometry": "center_crop", "crop_pct": 0.95, "interpolation": "bicubic"}
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x))
@@ -309,10 +311,10 @@ def test_export_round_trips_and_matches_the_official_network(tmp_path):
     x, c, sigma = torch.randn(2, 3, 32, 32), torch.tensor([3, 8]), torch.tensor([0.2, 2.0])
     with torch.no_grad():
         torch.testing.assert_close(_masked(ref(x, c, sigma), c), model.eval()(x, c, sigma), rtol=0, atol=1e-5)
-    assert saved["args"].crop_pct == 1.0 and saved["args"].interpolation == "bilinear"  # a plain resize
+    assert saved["args"].crop_mode == "squash" and saved["args"].crop_pct == 1.0  # timm's words for a plain resize
     back, _, meta = didicm.load_model(out)
     assert meta["mean"] == [0.5, 0.5, 0.5] and meta["config"]["eval"]["steps"] == 6
-    assert meta["preprocess"] == {"geometry": "center_crop", "crop_pct": 1.0, "interpolation": "bilinear"}
+    assert meta["preprocess"] == {"geometry": "resize", "interpolation": "bilinear"}  # and back
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
 

@@ -96,6 +96,7 @@ def test_every_study_number_in_the_readme_is_copied_from_the_generated_report():
     report = (REPO / "results" / "fashion-mnist" / "report.md").read_text()
     numbers = re.findall(r"(?<![\w.])[+-]?\d+\.\d+", section)
     assert len(numbers) >= 10, "the study section quotes its results"
-    assert [n for n in numbers if n not in report] == []
+    # whole numbers only: "1.2" must not pass by sitting inside "11.28"
+    assert [n for n in numbers if not re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", report)] == []
     pairs = re.findall(r"([+-]?\d+\.\d+) ± (\d+\.\d+)", section)
     assert pairs and [p for p in pairs if f"{p[0]} ± {p[1]}" not in report] == []

@@ -4,6 +4,7 @@ them, the report generated from the numbers, finished arms cached, and worker pr
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -142,6 +143,30 @@ def test_study_runtime_takes_only_settings_that_change_speed(tmp_path, capsys):
     config.write_text(yaml.safe_dump(spec))
     assert main(["study", str(config), "--no-progress"]) == 2
     assert "study runtime takes" in capsys.readouterr().err and not (tmp_path / "results").exists()
+
+
+def test_runtime_settings_reach_training_but_not_the_recipe_or_the_run_folder(tmp_path, monkeypatch):
+    import didicm.training
+    from didicm.study import _arm_recipe, _train_arm, load_study
+
+    seen = []
+
+    def fake_train(config, **_):
+        seen.append(config)
+        return SimpleNamespace(metrics={"train_seconds": 1.0, "epochs_run": 1.0, "steps_run": 1, "selection": {}})
+
+    monkeypatch.setattr(didicm.training, "train", fake_train)
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(dict(STUDY, output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))))
+    spec = load_study(config)
+    recipes = [_arm_recipe(spec, "twin", 8, 0.5, 0)]
+    _, plain = _train_arm(spec, "twin", 8, 0.5, 0, 0, False, lambda *_: None)
+    spec["runtime"] = {"channels_last": True}
+    recipes.append(_arm_recipe(spec, "twin", 8, 0.5, 0))
+    _, fast = _train_arm(spec, "twin", 8, 0.5, 0, 0, False, lambda *_: None)
+    assert recipes[0] == recipes[1] and seen[0].output == seen[1].output  # a finished or half-trained arm is found
+    assert (seen[0].channels_last, seen[1].channels_last) == (False, True)
+    assert (plain["channels_last"], fast["channels_last"]) == (False, True)
 
 
 def _gap(top1, nll, n=2):
