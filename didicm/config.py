@@ -129,6 +129,9 @@ class TrainConfig:
     # timm's --channels-last: weights (so activations) in NHWC. Speed only, not the recipe: the narrow study network
     # steps faster at 28 px on CPU, wider ones at 32 px slower (benchmarks/bench_train_step.py --compare channels_last)
     channels_last: bool = False
+    # under torchrun, BatchNorm running statistics before each validation and the final save: 'reduce' (averaged
+    # over processes; timm's and the official train.py's default), 'broadcast' (rank 0's) or '' (left as they are)
+    dist_bn: str = "reduce"
     dist_timeout: float = 30.0  # minutes a process waits at a collective (e.g. while others evaluate)
 
     def to_dict(self) -> dict:
@@ -194,6 +197,8 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout must be a positive number of minutes, got {self.dist_timeout!r}")
         if o.max_bad_steps < 1:
             raise ConfigError(f"optim.max_bad_steps must be >= 1, got {o.max_bad_steps!r}")
+        if self.dist_bn not in ("reduce", "broadcast", ""):
+            raise ConfigError(f"dist_bn must be 'reduce', 'broadcast' or '' (off), got {self.dist_bn!r}")
         if not isinstance(self.channels_last, bool):
             raise ConfigError(f"channels_last must be true or false, got {self.channels_last!r}")
         if not isinstance(o.sync_free, bool) and o.sync_free != "auto":

@@ -7,7 +7,6 @@ import torch
 import didicm.training as training
 from didicm.checkpoint import load_checkpoint
 from didicm.config import config_from_dict
-from didicm.errors import ConfigError
 from didicm.training.checkpointing import _match_state_layout, restore
 
 TINY = {
@@ -113,8 +112,3 @@ def test_optimizer_state_takes_its_parameters_layout_with_the_same_values():
         assert moved.stride() == conv.weight.stride() and _nhwc_only(moved)
         assert torch.equal(moved, optimizer.state[conv.weight][key])
     assert loaded.state[conv.weight]["step"].shape == ()  # not a per-parameter tensor: left alone
-
-
-def test_channels_last_must_be_a_boolean(tmp_path):
-    with pytest.raises(ConfigError, match="channels_last"):
-        _config(tmp_path, "bad", channels_last="yes")

@@ -77,3 +77,40 @@ def test_strong_recipe_under_torchrun_resumes_to_the_same_weights(tmp_path):
     # 2 epochs of 3 steps; validated on the held-out folder after each epoch
     validations = (tmp_path / "whole" / "validation.csv").read_text().strip().splitlines()
     assert len(validations) == 3  # header + 2 epochs
+
+
+BATCHNORM_SCRIPT = """
+import os, sys, torch
+from didicm.config import config_from_dict
+from didicm.training import train
+out, dist_bn = sys.argv[1], sys.argv[2]
+config = config_from_dict({"data": {"dataset": "digits", "val_size": 0.1},
+                           "model": {"name": "didirn18", "kwargs": {"width": 8, "stem": "small"}},
+                           "optim": {"opt": "adamw", "batch_size": 16, "steps": 6, "warmup_steps": 1},
+                           "eval": {"steps": 1}, "device": "cpu", "dist_bn": dist_bn, "output": out})
+model = train(config, progress=False, log=lambda *_: None).model
+torch.save({k: v for k, v in model.state_dict().items() if "running_" in k},
+           os.path.join(out, f"bn_rank{os.environ['RANK']}.pt"))
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built in")
+def test_batch_norm_statistics_are_averaged_over_processes_before_they_are_saved(tmp_path):
+    script = tmp_path / "bn.py"
+    script.write_text(BATCHNORM_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    buffers = {}
+    for dist_bn in ("reduce", ""):
+        out = tmp_path / (dist_bn or "off")
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), str(out), dist_bn], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        buffers[dist_bn] = [torch.load(out / f"bn_rank{r}.pt") for r in (0, 1)]
+    saved = load_file(tmp_path / "reduce" / "model.safetensors")
+    reduced, untouched = buffers["reduce"], buffers[""]
+    assert reduced[0].keys() and reduced[0].keys() == reduced[1].keys()
+    for key in reduced[0]:
+        assert torch.equal(reduced[0][key], reduced[1][key]), key  # one set of statistics, and it is the saved one
+        assert torch.equal(saved[f"model/{key}"], reduced[0][key]), key
+    # without it, each process keeps what its own last batch left (the difference the option removes)
+    assert any(not torch.equal(untouched[0][k], untouched[1][k]) for k in untouched[0])

@@ -153,3 +153,9 @@ def test_invalid_options_are_refused_by_name(tmp_path, section, key, value):
 def test_unknown_config_key_is_named(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'optim.lrate'"):
         _config(tmp_path, optim={"lrate": 1.0})
+
+
+@pytest.mark.parametrize("key,value", [("dist_bn", "mean"), ("channels_last", "yes")])
+def test_invalid_runtime_options_are_refused_by_name(tmp_path, key, value):
+    with pytest.raises(ConfigError, match=key):
+        _config(tmp_path, **{key: value})

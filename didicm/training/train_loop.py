@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from timm.data import Mixup
 from timm.optim import create_optimizer_v2
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
 
 from .. import models as model_zoo
 from .. import peers
@@ -232,6 +232,14 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                      std=list(train_set.std), preprocess=val_set.preprocess, model_name=cfg.model.name,
                      model_kwargs=cfg.model.kwargs, method=kind, world_size=world)
 
+    def same_batch_norm() -> None:
+        """Under torchrun each process's BatchNorm statistics saw only its own batches since DDP last broadcast
+        rank 0's: make them one (timm's distribute_bn) before they are validated or saved."""
+        if world > 1 and cfg.dist_bn:
+            for module in (model, ema.module if ema is not None else None):
+                if module is not None:
+                    distribute_bn(module, world, reduce=cfg.dist_bn == "reduce")
+
     def checkpoint(at: int) -> None:
         save_state(ckpt_dir, at, model, optimizer, ema, meta_base, updater.bad_total, cfg.keep_checkpoints,
                    earlier_seconds + time.perf_counter() - started, stream.epoch_of(at),
@@ -270,6 +278,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                 writer.add_scalar("train/loss", running or float("nan"), step)
         do_validate = selection is not None and (step % interval == 0 or step == total_steps)
         if do_validate:  # every rank predicts its shard; all see the same scores and stop together
+            same_batch_norm()
             current = ema.module if ema is not None else model
             if cfg.eval.select == "loss":  # the generative model: one pass per image instead of K x draws
                 losses = validation_loss(current, val_set, batch_size=cfg.eval.batch_size, device=device,
@@ -300,6 +309,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if bar is not None:
         bar.close()
 
+    same_batch_norm()
     updater.check(step, main)  # the last steps' skips, counted before the totals are written
     train_seconds = earlier_seconds + time.perf_counter() - started  # all sessions of a resumed run
     final = ema.module if ema is not None else model
