@@ -55,6 +55,9 @@ class Selection:
     since_decay: int = 0  # validations since the last improvement or decay
     lr_scale: float = 1.0
     history: list = field(default_factory=list)
+    # seconds spent validating, over every session of a resumed run; None: resumed from a checkpoint written before
+    # this was counted (unknown rather than too small)
+    validation_seconds: float | None = 0.0
 
     def __post_init__(self):
         if self.metric not in SELECT_METRICS:
@@ -88,6 +91,10 @@ class Selection:
     def state_dict(self) -> dict:
         return asdict(self)
 
+    def add_time(self, seconds: float) -> None:
+        if self.validation_seconds is not None:
+            self.validation_seconds += float(seconds)
+
     @classmethod
     def from_state(cls, state: dict) -> Selection:
-        return cls(**state)
+        return cls(**{"validation_seconds": None, **state})

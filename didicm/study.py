@@ -316,6 +316,7 @@ def _train_arm(spec: dict, name: str, resolution: int, ratio: float, seed: int, 
               "converged": selection.get("converged"), "stopped_early": selection.get("stopped_early"),
               "select": selection.get("metric"), "validations": len(selection.get("history", [])),
               "channels_last": config.channels_last,
+              "validation_seconds": selection.get("validation_seconds"),  # part of train_seconds
               "train_images_per_second": round(result.metrics["steps_run"] * config.optim.batch_size
                                                / max(result.metrics["train_seconds"], 1e-9), 1)}
     return result, record
@@ -899,6 +900,12 @@ def _train_speed(info: dict):
     return round(images / max(sum(m["train_seconds"] for m in members), 1e-9), 1)
 
 
+def _validation_seconds(info: dict):
+    """Seconds of an arm's training spent validating (an ensemble's members summed); '' where not counted."""
+    seconds = [m.get("validation_seconds") for m in info.get("members", [info])]
+    return "" if any(v is None for v in seconds) else round(sum(seconds), 2)
+
+
 def _training_table(cells: list[dict]) -> list[str]:
     rows = []
     for cell in sorted(cells, key=lambda c: (-c["resolution"], -c["data_ratio"], c["seed"])):
@@ -908,6 +915,7 @@ def _training_table(cells: list[dict]) -> list[str]:
                          "epochs run": epochs if not isinstance(epochs, list) else "/".join(f"{e:g}" for e in epochs),
                          "best epoch": best if not isinstance(best, list) else "/".join(f"{b:g}" for b in best),
                          "converged": info.get("converged"), "train s": info.get("train_seconds"),
+                         "of which validation s": _validation_seconds(info),
                          "train img/s": _train_speed(info), "wall s": info.get("wall_seconds"),
                          "device": info.get("device", "")})
     return [markdown_table(rows, title="Training: epochs run, best validation epoch (the kept weights), and "

@@ -89,6 +89,20 @@ def test_training_keeps_the_best_validation_and_resumes_to_the_same_decisions(tm
     resumed = training.train(cfg, resume=True, progress=False, log=lambda *_: None)
     assert resumed.metrics["selection"]["history"] == history
     assert resumed.steps_done == straight.steps_done
+    # validation time is counted over both sessions and is part of the training time
+    for run in (straight, resumed):
+        assert 0 < run.metrics["selection"]["validation_seconds"] < run.metrics["train_seconds"]
     again = load_checkpoint(tmp_path / "interrupted" / "model.safetensors").section("model")
     for key in kept:
         assert torch.equal(kept[key], again[key]), key
+
+
+def test_validation_time_adds_up_and_is_unknown_after_resuming_a_run_that_did_not_count_it():
+    selection = Selection("nll_ts")
+    selection.add_time(1.5)
+    selection.add_time(2.0)
+    assert Selection.from_state(selection.state_dict()).validation_seconds == 3.5
+    older = {k: v for k, v in selection.state_dict().items() if k != "validation_seconds"}
+    unknown = Selection.from_state(older)
+    unknown.add_time(1.0)
+    assert unknown.validation_seconds is None  # not 1.0: the earlier sessions' time is missing

@@ -78,6 +78,7 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
             assert info["converged"] == (info["best_step"] < info["steps_run"])
         assert cell["arms"]["twin"]["select"] == "nll_ts"
         assert cell["arms"]["twin"]["train_images_per_second"] > 0
+        assert 0 < cell["arms"]["twin"]["validation_seconds"] < cell["arms"]["twin"]["train_seconds"]
         assert cell["cost"]["devices"] == [cell["arms"]["twin"]["device"]]
         assert cell["cost"]["train_seconds"] >= cell["arms"]["twin"]["train_seconds"]
         assert set(cell["cost"]["eval_images_per_second"]) == set(cell["rows"]) - {"ensemble2"}

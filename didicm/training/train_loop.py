@@ -278,6 +278,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                 writer.add_scalar("train/loss", running or float("nan"), step)
         do_validate = selection is not None and (step % interval == 0 or step == total_steps)
         if do_validate:  # every rank predicts its shard; all see the same scores and stop together
+            validation_started = time.perf_counter()
             same_batch_norm()
             current = ema.module if ema is not None else model
             if cfg.eval.select == "loss":  # the generative model: one pass per image instead of K x draws
@@ -292,6 +293,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                 scores = selection_scores(probs, labels)
             train_model.train()
             improved = selection.update(step, stream.epoch_of(step), scores)
+            selection.add_time(time.perf_counter() - validation_started)
             if main:
                 if improved:
                     save_model(run_dir / "best.safetensors", current,
@@ -361,7 +363,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                                     "best_epoch": round(selection.best_epoch, 4), "best_value": selection.best_value,
                                     "stopped_early": selection.should_stop,
                                     "converged": selection.best_step < step, "lr_scale": selection.lr_scale,
-                                    "history": selection.history}
+                                    "validation_seconds": None if selection.validation_seconds is None
+                                    else round(selection.validation_seconds, 2), "history": selection.history}
         save_model(run_dir / "model.safetensors", final, dict(meta_base, kind="model", step=step, metrics=metrics))
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     if writer is not None:
