@@ -192,7 +192,7 @@ def _print_results(results: dict, title: str) -> None:
 def _dataset_of(meta: dict, split: str, args=None):
     """The split of the data set a checkpoint was trained on (command-line data options override it)."""
     from .data import create_dataset, resolve_source
-    from .data.inputs import preprocess_of
+    from .data.inputs import folder_transform_of, preprocess_of
 
     data_cfg = meta["config"]["data"]
 
@@ -201,10 +201,10 @@ def _dataset_of(meta: dict, split: str, args=None):
         return default if value is None else value
 
     name, root = pick("dataset", None) or data_cfg["dataset"], pick("root", data_cfg["root"])
-    # a folder is evaluated with the model's own crop (its training config's, or an official file's --crop-pct)
-    preprocess, extra = preprocess_of(meta), {}
-    if preprocess["geometry"] == "center_crop" and name and resolve_source(name, root).kind == "folder":
-        extra["transform"] = {"crop_pct": preprocess["crop_pct"], "interpolation": preprocess["interpolation"]}
+    # a folder's files are prepared as `predict` prepares them (the run's crop, or an official file's)
+    extra = {}
+    if name and resolve_source(name, root).kind == "folder":
+        extra["transform"] = folder_transform_of(preprocess_of(meta))
     return create_dataset(name, split, root=root, **extra,
                           image_size=meta.get("image_size") or data_cfg["image_size"],
                           degradation=pick("degradation", data_cfg["degradation"]),

@@ -197,6 +197,8 @@ class TrainConfig:
             raise ConfigError(f"dist_timeout must be a positive number of minutes, got {self.dist_timeout!r}")
         if o.max_bad_steps < 1:
             raise ConfigError(f"optim.max_bad_steps must be >= 1, got {o.max_bad_steps!r}")
+        if self.dist_bn is None or self.dist_bn is False:  # `--set dist_bn=` / null / false: off
+            self.dist_bn = ""
         if self.dist_bn not in ("reduce", "broadcast", ""):
             raise ConfigError(f"dist_bn must be 'reduce', 'broadcast' or '' (off), got {self.dist_bn!r}")
         if not isinstance(self.channels_last, bool):

@@ -21,7 +21,7 @@ import torch
 
 from .checkpoint import is_torch_file, safe_torch_load
 from .data.folder import FOLDER_CROP_PCT
-from .data.inputs import preprocess_of
+from .data.inputs import folder_transform_of, preprocess_of
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["load_model", "export_official", "official_to_didicm", "didicm_to_official", "OFFICIAL_TO_DIDICM",
@@ -246,10 +246,12 @@ def _official_preprocess(name: str, args: dict) -> dict:
 
     defaults = None if name in DIDIRN_NAMES else timm.models.get_pretrained_cfg(name)
     interpolation = _arg(args, "interpolation", "") or getattr(defaults, "interpolation", None) or "bilinear"
+    crop_pct = float(_arg(args, "crop_pct") or getattr(defaults, "crop_pct", None) or FOLDER_CROP_PCT)
     if (_arg(args, "crop_mode", "") or getattr(defaults, "crop_mode", None)) == "squash":
-        return {"geometry": "resize", "interpolation": interpolation}
-    crop_pct = _arg(args, "crop_pct") or getattr(defaults, "crop_pct", None) or FOLDER_CROP_PCT
-    return {"geometry": "center_crop", "crop_pct": float(crop_pct), "interpolation": interpolation}
+        # timm's squash: both sides to size / crop_pct, then the centre; at crop_pct 1 a plain resize
+        return {"geometry": "resize", "interpolation": interpolation} if crop_pct == 1.0 else \
+            {"geometry": "squash", "crop_pct": crop_pct, "interpolation": interpolation}
+    return {"geometry": "center_crop", "crop_pct": crop_pct, "interpolation": interpolation}
 
 
 def _official_meta(path: Path, name: str, num_classes: int, in_chans: int, model_kwargs: dict, args: dict,
@@ -388,9 +390,8 @@ def export_official(src: str | Path, out: str | Path, ema: bool = False) -> Path
     args = argparse.Namespace(
         model=name, num_classes=meta["num_classes"], in_chans=meta["in_chans"],
         input_size=[meta["in_chans"], size, size], img_size=size, mean=list(meta["mean"]), std=list(meta["std"]),
-        # timm's crop modes: 'squash' at crop_pct 1 is a plain resize to the input size
-        crop_pct=float(preprocess.get("crop_pct", 1.0)), interpolation=preprocess["interpolation"],
-        crop_mode="center" if preprocess["geometry"] == "center_crop" else "squash",
+        # timm's words for it (squash at crop_pct 1 is a plain resize)
+        **folder_transform_of(preprocess),
         model_kwargs=model_kwargs,
         data_ratio=config["data"].get("data_ratio"), model_ema=bool(ema),
         diffusion_enabled=is_didirn, diffusion_noise=config["diffusion"]["schedule"],

@@ -94,14 +94,15 @@ def test_predict_prepares_a_file_exactly_as_evaluation_does(tmp_path):
     from didicm.data.inputs import load_image_for_model
 
     root = make_jpegs(tmp_path / "jpegs")
-    evaluation = create_dataset(f"folder:{root}", "test", image_size=32)
-    meta = {"in_chans": 3, "image_size": 32, "mean": list(evaluation.mean), "std": list(evaluation.std)}
-    assert evaluation.preprocess["geometry"] == "center_crop"
-    for index in range(len(evaluation)):
-        path = evaluation.samples[index][0]
-        expected = evaluation[index][0]
-        assert torch.equal(load_image_for_model(path, dict(meta, preprocess=evaluation.preprocess)), expected)
-        assert not torch.equal(load_image_for_model(path, meta), expected)  # what predict did before
+    for transform, geometry in (({}, "center_crop"), ({"crop_mode": "squash", "crop_pct": 0.9}, "squash")):
+        evaluation = create_dataset(f"folder:{root}", "test", image_size=32, transform=transform)
+        meta = {"in_chans": 3, "image_size": 32, "mean": list(evaluation.mean), "std": list(evaluation.std)}
+        assert evaluation.preprocess["geometry"] == geometry
+        for index in range(len(evaluation)):
+            path = evaluation.samples[index][0]
+            expected = evaluation[index][0]
+            assert torch.equal(load_image_for_model(path, dict(meta, preprocess=evaluation.preprocess)), expected)
+            assert not torch.equal(load_image_for_model(path, meta), expected)  # what predict did before
 
 
 def test_a_trained_model_records_how_its_files_are_prepared(tmp_path):
@@ -129,6 +130,9 @@ def test_a_trained_model_records_how_its_files_are_prepared(tmp_path):
                                                   "interpolation": "bilinear"}),
     ({"dataset": "/not/here", "transform": {"interpolation": "bicubic"}},
      {"geometry": "center_crop", "crop_pct": 0.875, "interpolation": "bicubic"}),
+    ({"dataset": "imagenet:/not/here"}, {"geometry": "center_crop", "crop_pct": 0.875, "interpolation": "bilinear"}),
+    ({"dataset": "folder", "root": "/not/here", "transform": {"crop_mode": "squash", "crop_pct": 0.9}},
+     {"geometry": "squash", "crop_pct": 0.9, "interpolation": "bilinear"}),
 ])
 def test_older_checkpoints_are_prepared_as_their_data_set_was(data, expected):
     assert preprocess_of({"config": {"data": data}}) == expected

@@ -215,6 +215,23 @@ def test_inconsistent_files_are_refused(tmp_path, reference):
         didicm.load_model(tmp_path / "d.pth")
 
 
+def test_an_official_squash_file_is_prepared_alike_by_predict_and_eval(tmp_path):
+    from types import SimpleNamespace
+
+    from test_recipes import make_jpegs
+
+    from didicm.cli import _dataset_of
+
+    ref = _randomize(RefOfficialDiDiRN(), seed=5)
+    path = _official_file(tmp_path / "m.pth.tar", ref, input_size=[3, 32, 32], crop_mode="squash", crop_pct=0.9,
+                          interpolation="bicubic")
+    _, _, meta = didicm.load_model(path)
+    assert meta["preprocess"] == {"geometry": "squash", "crop_pct": 0.9, "interpolation": "bicubic"}
+    root = make_jpegs(tmp_path / "jpegs", classes=10, train=1, val=1)
+    options = SimpleNamespace(dataset=f"folder:{root}", root=None, degradation=None, on_bad_image=None)
+    assert _dataset_of(meta, "test", options).preprocess == meta["preprocess"]
+
+
 def test_timm_baseline_from_the_official_train_py_loads_unchanged(tmp_path):
     import timm
 

@@ -267,13 +267,16 @@ def _header_ok(path: Path) -> str | None:
 
 # timm's create_transform options a folder data set passes through (the official train.py flags); see FolderDataset.
 TRANSFORM_KEYS = ("auto_augment", "interpolation", "train_interpolation", "color_jitter", "scale", "ratio", "hflip",
-                  "crop_pct")
+                  "crop_pct", "crop_mode")
+CROP_MODES = {"center": "center_crop", "squash": "squash"}  # timm's evaluation crop modes -> preprocess geometry
 
 
 def eval_transform(image_size: int, preprocess: dict):
-    """PIL image -> [C, S, S] uint8 tensor by a ``preprocess`` description (``FolderDataset.preprocess``)."""
+    """PIL image -> [C, S, S] uint8 tensor by a ``preprocess`` description (``FolderDataset.preprocess``): timm's
+    evaluation transform, 'center_crop' (shorter side to S / crop_pct, centre crop) or 'squash' (both sides)."""
+    mode = "squash" if preprocess["geometry"] == "squash" else "center"
     return create_transform(image_size, is_training=False, normalize=False, crop_pct=preprocess["crop_pct"],
-                            interpolation=preprocess["interpolation"])
+                            crop_mode=mode, interpolation=preprocess["interpolation"])
 
 
 class FolderDataset(ClassificationDataset):
@@ -331,6 +334,9 @@ class FolderDataset(ClassificationDataset):
         unknown = sorted(set(options) - set(TRANSFORM_KEYS))
         if unknown:
             raise DataError(f"unknown folder transform option(s) {unknown}; valid: {list(TRANSFORM_KEYS)}")
+        if options.get("crop_mode") not in (None, *CROP_MODES):
+            raise DataError(f"folder transform crop_mode must be one of {list(CROP_MODES)}, got "
+                            f"{options['crop_mode']!r}")
         self.transform_options = options
         train_kwargs = {k: options[k] for k in ("auto_augment", "color_jitter", "hflip") if options.get(k) is not None}
         train_kwargs.update({k: tuple(options[k]) for k in ("scale", "ratio") if options.get(k) is not None})
@@ -343,8 +349,10 @@ class FolderDataset(ClassificationDataset):
     @property
     def preprocess(self) -> dict:
         """timm's evaluation geometry (shorter side to size / crop_pct, centre crop), as ``_eval_transform``."""
-        return {"geometry": "center_crop", "crop_pct": self.transform_options.get("crop_pct") or FOLDER_CROP_PCT,
-                "interpolation": self.transform_options.get("interpolation") or "bilinear"}
+        options = self.transform_options
+        return {"geometry": CROP_MODES[options.get("crop_mode") or "center"],
+                "crop_pct": options.get("crop_pct") or FOLDER_CROP_PCT,
+                "interpolation": options.get("interpolation") or "bilinear"}
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
         """Decode image ``index``; with 'skip', fall forward to the next readable image."""

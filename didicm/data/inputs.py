@@ -8,10 +8,11 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import CheckpointError, DataError
+from .datasets import _ALIASES as DATASET_ALIASES
 from .datasets import resolve_source
-from .folder import FOLDER_CROP_PCT, eval_transform, load_image
+from .folder import CROP_MODES, FOLDER_CROP_PCT, eval_transform, load_image
 
-__all__ = ["load_image_for_model", "preprocess_of"]
+__all__ = ["folder_transform_of", "load_image_for_model", "preprocess_of"]
 
 
 def preprocess_of(meta: dict) -> dict:
@@ -21,16 +22,24 @@ def preprocess_of(meta: dict) -> dict:
     if meta.get("preprocess"):
         return dict(meta["preprocess"])
     data = (meta.get("config") or {}).get("data") or {}
-    transform = data.get("transform") or {}
+    transform, name = data.get("transform") or {}, str(data.get("dataset") or "")
     try:
-        folder = bool(transform) or (data.get("dataset") is not None and
-                                     resolve_source(str(data["dataset"]), data.get("root")).kind == "folder")
-    except DataError:  # the training data is not on this machine; "folder:" still says what it was
-        folder = str(data.get("dataset", "")).startswith("folder:")
+        folder = bool(transform) or (bool(name) and resolve_source(name, data.get("root")).kind == "folder")
+    except DataError:  # the training data is not on this machine; its name may still say what it was
+        folder = DATASET_ALIASES.get(name.split(":", 1)[0].lower()) == "folder"
     if folder:
-        return {"geometry": "center_crop", "crop_pct": transform.get("crop_pct") or FOLDER_CROP_PCT,
+        return {"geometry": CROP_MODES.get(transform.get("crop_mode") or "center", "center_crop"),
+                "crop_pct": transform.get("crop_pct") or FOLDER_CROP_PCT,
                 "interpolation": transform.get("interpolation") or "bilinear"}
     return {"geometry": "resize", "interpolation": "bilinear"}
+
+
+def folder_transform_of(preprocess: dict) -> dict:
+    """The folder transform options (``FolderDataset``) that evaluate files as ``preprocess`` says."""
+    if preprocess["geometry"] == "resize":  # timm's squash at crop_pct 1: both sides to the input size
+        return {"crop_mode": "squash", "crop_pct": 1.0, "interpolation": preprocess["interpolation"]}
+    return {"crop_mode": "squash" if preprocess["geometry"] == "squash" else "center",
+            "crop_pct": preprocess["crop_pct"], "interpolation": preprocess["interpolation"]}
 
 
 def load_image_for_model(path: str | Path, meta: dict) -> torch.Tensor:
@@ -49,7 +58,7 @@ def load_image_for_model(path: str | Path, meta: dict) -> torch.Tensor:
             from None
     image = load_image(Path(path), in_chans)
     preprocess = preprocess_of(meta)
-    if preprocess["geometry"] == "center_crop":
+    if preprocess["geometry"] in ("center_crop", "squash"):
         pixels = eval_transform(size, preprocess)(image)  # [C, S, S] uint8, as FolderDataset evaluates
     else:
         pixels = TF.pil_to_tensor(image)  # [C, H, W] uint8

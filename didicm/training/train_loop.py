@@ -232,13 +232,17 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                      std=list(train_set.std), preprocess=val_set.preprocess, model_name=cfg.model.name,
                      model_kwargs=cfg.model.kwargs, method=kind, world_size=world)
 
-    def same_batch_norm() -> None:
-        """Under torchrun each process's BatchNorm statistics saw only its own batches since DDP last broadcast
-        rank 0's: make them one (timm's distribute_bn) before they are validated or saved."""
-        if world > 1 and cfg.dist_bn:
+    made_one_at = [None]
+
+    def same_batch_norm(at: int) -> None:
+        """Under torchrun each process's BatchNorm statistics (the EMA copy's too) saw only its own batches since
+        DDP last broadcast rank 0's: make them one (timm's distribute_bn) before they are validated or saved. Every
+        checkpoint step does it, so a resumed run (every rank loads rank 0's) continues as the uninterrupted one."""
+        if world > 1 and cfg.dist_bn and made_one_at[0] != at:
             for module in (model, ema.module if ema is not None else None):
                 if module is not None:
                     distribute_bn(module, world, reduce=cfg.dist_bn == "reduce")
+            made_one_at[0] = at
 
     def checkpoint(at: int) -> None:
         save_state(ckpt_dir, at, model, optimizer, ema, meta_base, updater.bad_total, cfg.keep_checkpoints,
@@ -279,7 +283,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         do_validate = selection is not None and (step % interval == 0 or step == total_steps)
         if do_validate:  # every rank predicts its shard; all see the same scores and stop together
             validation_started = time.perf_counter()
-            same_batch_norm()
+            same_batch_norm(step)
             current = ema.module if ema is not None else model
             if cfg.eval.select == "loss":  # the generative model: one pass per image instead of K x draws
                 losses = validation_loss(current, val_set, batch_size=cfg.eval.batch_size, device=device,
@@ -302,8 +306,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                 if bar is not None:
                     bar.set_description(f"train (val {cfg.eval.select} {scores[cfg.eval.select]:.4g}, best "
                                         f"{selection.best_value:.4g} at epoch {selection.best_epoch:.1f})")
-        if main and (do_validate or (step % cfg.checkpoint_every == 0 and step < total_steps)):
-            checkpoint(step)
+        if do_validate or (step % cfg.checkpoint_every == 0 and step < total_steps):
+            same_batch_norm(step)  # on every rank, before rank 0 saves
+            if main:
+                checkpoint(step)
         if fault_after_steps is not None and step - start_step >= fault_after_steps:
             raise KeyboardInterrupt(f"fault injected after step {step}")
         if selection is not None and selection.should_stop:
@@ -311,7 +317,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     if bar is not None:
         bar.close()
 
-    same_batch_norm()
+    same_batch_norm(step)
     updater.check(step, main)  # the last steps' skips, counted before the totals are written
     train_seconds = earlier_seconds + time.perf_counter() - started  # all sessions of a resumed run
     final = ema.module if ema is not None else model
