@@ -297,7 +297,7 @@ def _check_same_data(meta: dict, dataset) -> None:
 def _cmd_predict(args) -> int:
     import torch
 
-    from .data.inputs import load_image_for_model
+    from .data.inputs import image_loader_for_model
     from .evaluation import parse_sampler, predict
     from .training import default_eval_specs, resolve_device
 
@@ -305,7 +305,8 @@ def _cmd_predict(args) -> int:
         raise DidicmError(f"--topk must be positive, got {args.topk}")
     device = resolve_device(args.device)
     model, diffusion, meta = _load_model(args, device)
-    images = torch.stack([load_image_for_model(path, meta) for path in args.images]).to(device)
+    load = image_loader_for_model(meta)
+    images = torch.stack([load(path) for path in args.images]).to(device)
     spec = parse_sampler(args.sampler) if args.sampler else default_eval_specs(model, meta["config"]["eval"])[0]
     if args.plot and spec.kind != "cp":  # refused before any work is printed
         raise DidicmError(f"--plot draws the class distribution over CP's diffusion steps; sampler {spec.name} has no "

@@ -20,7 +20,7 @@ import timm
 import torch
 
 from .checkpoint import is_torch_file, safe_torch_load
-from .data.folder import FOLDER_CROP_PCT
+from .data.folder import FOLDER_CROP_PCT, preprocess_from_options
 from .data.inputs import folder_transform_of, preprocess_of
 from .errors import CheckpointError, ConfigError
 
@@ -247,11 +247,10 @@ def _official_preprocess(name: str, args: dict) -> dict:
     defaults = None if name in DIDIRN_NAMES else timm.models.get_pretrained_cfg(name)
     interpolation = _arg(args, "interpolation", "") or getattr(defaults, "interpolation", None) or "bilinear"
     crop_pct = float(_arg(args, "crop_pct") or getattr(defaults, "crop_pct", None) or FOLDER_CROP_PCT)
-    if (_arg(args, "crop_mode", "") or getattr(defaults, "crop_mode", None)) == "squash":
-        # timm's squash: both sides to size / crop_pct, then the centre; at crop_pct 1 a plain resize
-        return {"geometry": "resize", "interpolation": interpolation} if crop_pct == 1.0 else \
-            {"geometry": "squash", "crop_pct": crop_pct, "interpolation": interpolation}
-    return {"geometry": "center_crop", "crop_pct": crop_pct, "interpolation": interpolation}
+    crop_mode = _arg(args, "crop_mode", "") or getattr(defaults, "crop_mode", None)
+    if crop_mode == "squash" and crop_pct == 1.0:  # timm's squash at crop_pct 1: both sides to the size
+        return {"geometry": "resize", "interpolation": interpolation}
+    return preprocess_from_options({"crop_mode": crop_mode, "crop_pct": crop_pct, "interpolation": interpolation})
 
 
 def _official_meta(path: Path, name: str, num_classes: int, in_chans: int, model_kwargs: dict, args: dict,

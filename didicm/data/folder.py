@@ -32,7 +32,7 @@ from .base import ClassificationDataset
 from .degradations import DegradationPipeline
 
 __all__ = ["FileList", "FolderDataset", "IMAGE_EXTENSIONS", "eval_transform", "folder_classes", "list_folder",
-           "load_image", "find_test_dir"]
+           "load_image", "find_test_dir", "preprocess_from_options"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 DEFAULT_FOLDER_SIZE = 224
@@ -271,6 +271,14 @@ TRANSFORM_KEYS = ("auto_augment", "interpolation", "train_interpolation", "color
 CROP_MODES = {"center": "center_crop", "squash": "squash"}  # timm's evaluation crop modes -> preprocess geometry
 
 
+def preprocess_from_options(options: dict) -> dict:
+    """The evaluation geometry that folder transform options (``TRANSFORM_KEYS``) give: timm's centre crop or
+    squash at crop_pct, with its interpolation (``FolderDataset.preprocess``, and older runs' configs)."""
+    return {"geometry": CROP_MODES.get(options.get("crop_mode") or "center", "center_crop"),
+            "crop_pct": options.get("crop_pct") or FOLDER_CROP_PCT,
+            "interpolation": options.get("interpolation") or "bilinear"}
+
+
 def eval_transform(image_size: int, preprocess: dict):
     """PIL image -> [C, S, S] uint8 tensor by a ``preprocess`` description (``FolderDataset.preprocess``): timm's
     evaluation transform, 'center_crop' (shorter side to S / crop_pct, centre crop) or 'squash' (both sides)."""
@@ -349,10 +357,7 @@ class FolderDataset(ClassificationDataset):
     @property
     def preprocess(self) -> dict:
         """timm's evaluation geometry (shorter side to size / crop_pct, centre crop), as ``_eval_transform``."""
-        options = self.transform_options
-        return {"geometry": CROP_MODES[options.get("crop_mode") or "center"],
-                "crop_pct": options.get("crop_pct") or FOLDER_CROP_PCT,
-                "interpolation": options.get("interpolation") or "bilinear"}
+        return preprocess_from_options(self.transform_options)
 
     def _read(self, index: int) -> tuple[Image.Image, int]:
         """Decode image ``index``; with 'skip', fall forward to the next readable image."""

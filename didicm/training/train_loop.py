@@ -232,17 +232,18 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                      std=list(train_set.std), preprocess=val_set.preprocess, model_name=cfg.model.name,
                      model_kwargs=cfg.model.kwargs, method=kind, world_size=world)
 
-    made_one_at = [None]
+    made_one_at = None  # the step whose BatchNorm statistics were last made one
 
     def same_batch_norm(at: int) -> None:
         """Under torchrun each process's BatchNorm statistics (the EMA copy's too) saw only its own batches since
         DDP last broadcast rank 0's: make them one (timm's distribute_bn) before they are validated or saved. Every
         checkpoint step does it, so a resumed run (every rank loads rank 0's) continues as the uninterrupted one."""
-        if world > 1 and cfg.dist_bn and made_one_at[0] != at:
+        nonlocal made_one_at
+        if world > 1 and cfg.dist_bn and made_one_at != at:
             for module in (model, ema.module if ema is not None else None):
                 if module is not None:
                     distribute_bn(module, world, reduce=cfg.dist_bn == "reduce")
-            made_one_at[0] = at
+            made_one_at = at
 
     def checkpoint(at: int) -> None:
         save_state(ckpt_dir, at, model, optimizer, ema, meta_base, updater.bad_total, cfg.keep_checkpoints,
