@@ -56,8 +56,8 @@ def _eval_parser(sub) -> None:
     _add_data_args(p)
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--sampler", action="append", default=[],
-                   help="cp:8, cp:2:max, cp:8:min:official, cl:8x10, mean, classifier, tta:8 (a classifier over 8 "
-                        "augmented views), dc:20, dc:20:adaptive (repeatable)")
+                   help="cp:8, cp:2:max, cp:8:min:official, cp:8:exponential, cl:8x10, mean, classifier, tta:8 (a "
+                        "classifier over 8 augmented views), dc:20, dc:20:adaptive (repeatable)")
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

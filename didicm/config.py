@@ -107,6 +107,7 @@ class EvalConfig:
     eps: float = 1e-5
     mode: str = "min"
     grid: str = "consistent"
+    update: str = "euler"  # CP: 'euler' (the paper's, clamped) or 'exponential' (stays on the simplex)
     chains: int = 10
     batch_size: int = 256
     select: str | None = None  # nll_ts | nll | top1 | loss ('unet' only): keep the best validation's weights

@@ -1,7 +1,8 @@
 """Prediction and evaluation: turn a model into class probabilities, and those into metrics.
 
 A *sampler spec* names how probabilities are made: ``cp:8`` (CP, 8 steps), ``cp:8:max`` (label mode),
-``cp:8:min:official`` (the official time grid), ``cl:8x10`` (CL, 8 steps, 10 chains), ``mean`` (one pass of a
+``cp:8:min:official`` (the official time grid), ``cp:8:exponential`` (steps that stay on the simplex without a
+clamp, ``exponential_reverse_step``), ``cl:8x10`` (CL, 8 steps, 10 chains), ``mean`` (one pass of a
 'mean'-parametrized model), ``classifier`` (softmax of a plain classifier's logits), ``tta:8`` (a classifier's
 softmax averaged over the image and 7 augmented views: the compute-matched control for ``cp:8``), ``dc:20``
 (the Diffusion Classifier of a generative 'unet' model: 20 shared draws per class; ``dc:20:adaptive`` screens
@@ -18,7 +19,7 @@ import torch
 
 from . import peers
 from .diffusion import CLSampler, CPSampler, UniformDiffusion
-from .diffusion.samplers import CP_MODES, GRIDS
+from .diffusion.samplers import CP_MODES, CP_UPDATES, GRIDS
 from .errors import ConfigError
 from .metrics import MetricAccumulator
 from .models.unet import is_generative_model
@@ -34,12 +35,14 @@ class SamplerSpec:
     mode: str = "min"
     grid: str = "consistent"
     eps: float = 1e-5
+    update: str = "euler"  # CP only: 'euler' (the paper's) or 'exponential'
 
     @property
     def name(self) -> str:
         if self.kind == "cp":
             suffix = (f":{self.mode}" if self.mode != "min" or self.grid != "consistent" else "") + \
-                (f":{self.grid}" if self.grid != "consistent" else "")
+                (f":{self.grid}" if self.grid != "consistent" else "") + \
+                (f":{self.update}" if self.update != "euler" else "")
             return f"cp:{self.steps}{suffix}"
         if self.kind == "cl":
             return f"cl:{self.steps}x{self.chains}" + (f":{self.grid}" if self.grid != "consistent" else "")
@@ -55,15 +58,17 @@ class SamplerSpec:
 
     def build(self, diffusion: UniformDiffusion):
         if self.kind == "cp":
-            return CPSampler(diffusion, steps=self.steps, eps=self.eps, mode=self.mode, grid=self.grid)
+            return CPSampler(diffusion, steps=self.steps, eps=self.eps, mode=self.mode, grid=self.grid,
+                             update=self.update)
         if self.kind == "cl":
             return CLSampler(diffusion, steps=self.steps, eps=self.eps, chains=self.chains, grid=self.grid)
         raise ConfigError(f"sampler {self.name!r} is not a diffusion sampler")
 
 
 def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
-    """Parse 'cp:8', 'cp:8:max', 'cp:8:min:official', 'cl:8x10', 'mean', 'classifier', 'tta:8', 'dc:20' or
-    'dc:20:adaptive'."""
+    """Parse 'cp:8', 'cp:8:max', 'cp:8:min:official', 'cp:8:exponential', 'cl:8x10', 'mean', 'classifier', 'tta:8',
+    'dc:20' or 'dc:20:adaptive'. After a CP step count, the options (label mode, time grid, update) may come in any
+    order, each at most once."""
     parts = text.strip().lower().split(":")
     kind = parts[0]
     try:
@@ -75,12 +80,15 @@ def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
             if len(parts) == 3 and parts[2] != "adaptive":
                 raise ValueError
             spec = SamplerSpec("dc", steps=int(parts[1]), mode=parts[2] if len(parts) == 3 else "full", eps=eps)
-        elif kind == "cp" and 2 <= len(parts) <= 4:
-            mode = parts[2] if len(parts) > 2 else "min"
-            grid = parts[3] if len(parts) > 3 else "consistent"
-            if mode not in CP_MODES or grid not in GRIDS:
-                raise ValueError
-            spec = SamplerSpec("cp", steps=int(parts[1]), mode=mode, grid=grid, eps=eps)
+        elif kind == "cp" and 2 <= len(parts) <= 5:
+            chosen = {}
+            for option in parts[2:]:
+                group = next((g for g, names in (("mode", CP_MODES), ("grid", GRIDS), ("update", CP_UPDATES))
+                              if option in names), None)
+                if group is None or group in chosen:
+                    raise ValueError
+                chosen[group] = option
+            spec = SamplerSpec("cp", steps=int(parts[1]), eps=eps, **chosen)
         elif kind == "cl" and 2 <= len(parts) <= 3:
             steps, _, chains = parts[1].partition("x")
             grid = parts[2] if len(parts) > 2 else "consistent"
@@ -90,8 +98,8 @@ def parse_sampler(text: str, eps: float = 1e-5) -> SamplerSpec:
         else:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"cannot read sampler {text!r}; examples: cp:8, cp:2:max, cp:8:min:official, cl:8x10, "
-                          "mean, classifier, tta:8, dc:20, dc:20:adaptive") from None
+        raise ConfigError(f"cannot read sampler {text!r}; examples: cp:8, cp:2:max, cp:8:min:official, "
+                          "cp:8:exponential, cl:8x10, mean, classifier, tta:8, dc:20, dc:20:adaptive") from None
     if spec.steps <= 0 or spec.chains <= 0:
         raise ConfigError(f"sampler {text!r}: steps and chains must be positive")
     return spec

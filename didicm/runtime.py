@@ -93,7 +93,8 @@ def default_eval_specs(model, eval_cfg) -> list[SamplerSpec]:
     if eval_cfg["sampler"] == "mean":
         return [SamplerSpec("mean")]
     return [SamplerSpec(eval_cfg["sampler"], steps=eval_cfg["steps"], chains=eval_cfg["chains"],
-                        mode=eval_cfg["mode"], grid=eval_cfg["grid"], eps=eval_cfg["eps"])]
+                        mode=eval_cfg["mode"], grid=eval_cfg["grid"], eps=eval_cfg["eps"],
+                        update=eval_cfg.get("update", "euler"))]
 
 
 def load_state(model: torch.nn.Module, state: dict, path) -> None:

@@ -37,6 +37,7 @@ from .errors import ConfigError, DidicmError
 from .evaluation import collect_probs, parse_sampler
 from .files import atomic_write_bytes
 from .metrics import (
+    NLL_FLOOR,
     _aurc_from,
     accuracy_at_coverage,
     apply_temperature,
@@ -57,7 +58,11 @@ from .report import (
 __all__ = ["load_study", "run_study", "aggregate", "arm_metrics", "trajectory_scores", "row_costs", "HEADLINE"]
 
 HEADLINE = "didicm"  # the pre-registered DiDiCM row: CP-8 (the config's didicm arm), chosen before any result
-REPORTED = ("top1", "nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "aurc", "acc_at_90")
+REPORTED = ("top1", "nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "aurc", "acc_at_90", "at_floor",
+            "nll_at_floor")
+# a row's metrics carry the version of arm_metrics that computed them; older rows are rescored from their saved
+# predictions when the study runs again (2: at_floor and nll_at_floor)
+METRICS_VERSION = 2
 # uncertainty scores: max-probability and entropy for every row, and the CP trajectory's for DiDiCM
 SIGNALS = tuple(f"auroc_{shift}_{score}" for shift in ("digits", "noise")
                 for score in ("maxprob", "entropy", "settle", "path_entropy")) + ("aurc_settle", "aurc_path_entropy")
@@ -157,14 +162,17 @@ def _arm_config(spec: dict, name: str, resolution: int, ratio: float, seed: int,
     return values
 
 
-def _arm_recipe(spec: dict, name: str, resolution: int, ratio: float, seed: int) -> str:
+def _arm_recipe(spec: dict, name: str, resolution: int, ratio: float, seed: int, predict: dict | None = None) -> str:
+    """What an arm's results depend on: its training config(s), its prediction rows (``predict`` replaces the
+    config's, e.g. the rows recorded earlier) and the study's evaluation settings."""
     arm = spec["arms"][name]
     if "ensemble" in arm:
         members = int(arm["ensemble"]["members"])
         configs = [_arm_config(spec, arm["ensemble"]["of"], resolution, ratio, seed, m) for m in range(members)]
         payload = {"members": configs}
     else:
-        payload = {"config": _arm_config(spec, name, resolution, ratio, seed), "predict": arm["predict"],
+        payload = {"config": _arm_config(spec, name, resolution, ratio, seed),
+                   "predict": arm["predict"] if predict is None else predict,
                    "trajectory": arm.get("trajectory")}
     payload.update(ood=spec.get("ood"), cl_limit=spec.get("cl_limit"), protocol=spec["protocol"])
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -203,6 +211,9 @@ def arm_metrics(val_probs, val_labels, test_probs, test_labels, ood: dict | None
     Returns:
         test metrics before (top1, nll, ece, brier, aurc, acc_at_90, top5, entropy) and after temperature
         scaling (T fitted on validation: nll_ts, ece_ts, brier_ts), val_top1/val_nll, and OOD AUROCs.
+        ``at_floor`` is the percentage of test images whose true class has probability below NLL_FLOOR (exactly 0
+        as saved, e.g. where CP's clamp zeroed it: no temperature can lift it) and ``nll_at_floor`` the nats those
+        images add to the mean NLL, before and after scaling alike.
     """
     val, test = _as_saved(val_probs), _as_saved(test_probs)
     val_labels, test_labels = torch.as_tensor(val_labels).long(), torch.as_tensor(test_labels).long()
@@ -210,8 +221,11 @@ def arm_metrics(val_probs, val_labels, test_probs, test_labels, ood: dict | None
     out["acc_at_90"] = accuracy_at_coverage(test, test_labels, 0.9)
     temperature = fit_temperature(val, val_labels)
     scaled = classification_metrics(apply_temperature(test, temperature), test_labels)
+    floored = test.gather(1, test_labels.reshape(-1, 1)).squeeze(1) < NLL_FLOOR
     out.update(T=temperature, nll_ts=scaled["nll"], ece_ts=scaled["ece"], brier_ts=scaled["brier"],
-               count=int(test.shape[0]), val_count=int(val.shape[0]))
+               count=int(test.shape[0]), val_count=int(val.shape[0]),
+               at_floor=100.0 * float(floored.double().mean()),
+               nll_at_floor=float(floored.double().mean()) * -math.log(NLL_FLOOR), metrics_version=METRICS_VERSION)
     val_metrics = classification_metrics(val, val_labels)
     out.update(val_top1=val_metrics["top1"], val_nll=val_metrics["nll"])
     in_conf = test.max(dim=1).values
@@ -296,16 +310,22 @@ def _predict_row(model, diffusion, sampler: str, splits: dict, device, seed: int
     return probs, signals, speed
 
 
+def _arm_run_dir(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int = 0) -> Path:
+    """The arm's training folder, named by a hash of its training config (not of its prediction rows)."""
+    values = _arm_config(spec, name, resolution, ratio, seed, member)
+    recipe = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+    suffix = f"_m{member}" if member else ""
+    return Path(spec.get("runs", "runs/study")) / _cell_name(resolution, ratio, seed) / f"{name}{suffix}-{recipe}"
+
+
 def _train_arm(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int, progress: bool, log):
     from .training import train
 
     values = _arm_config(spec, name, resolution, ratio, seed, member)
-    recipe = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
-    suffix = f"_m{member}" if member else ""
-    values["output"] = str(Path(spec.get("runs", "runs/study")) / _cell_name(resolution, ratio, seed) /
-                           f"{name}{suffix}-{recipe}")
+    values["output"] = str(_arm_run_dir(spec, name, resolution, ratio, seed, member))
     values.update(spec.get("runtime", {}))
     config = config_from_dict(values)
+    suffix = f"_m{member}" if member else ""
     log(f"[{_cell_name(resolution, ratio, seed)}] training {name}{suffix} ({config.model.name}, at most "
         f"{config.optim.epochs:g} epochs, select {config.eval.select})")
     result = train(config, resume=True, progress=progress, log=lambda *_: None)
@@ -361,8 +381,62 @@ def _row_metrics(arrays: dict, row: str, signal_row: str | None) -> dict:
                        arrays["test_labels"][:n_test], ood, scores)
 
 
+def _predict_arm_rows(spec: dict, arm_name: str, rows: list[str], model, diffusion, splits: dict, test_set,
+                      seed: int, batch: int, arrays: dict, record: dict, name: str, log) -> None:
+    """Predict ``rows`` of a trained arm on every split into ``arrays``, and record each row's sampler and speed."""
+    arm = spec["arms"][arm_name]
+    device = next(model.parameters()).device
+    augment = test_set.batch_augment()
+    for row in rows:
+        sampler = arm["predict"][row]
+        log(f"[{name}] {arm_name}: predicting {row} ({sampler}) on "
+            + ", ".join(f"{len(v[1])} {k}" for k, v in splits.items()) + " images")
+        eval_started = time.perf_counter()
+        with_trajectory = arm.get("trajectory") == row
+        probs, signals, speed = _predict_row(model, diffusion, sampler, splits, device, seed, spec.get("cl_limit"),
+                                             augment, with_trajectory, batch)
+        for split, p in probs.items():
+            arrays[f"{split}_{row}"] = p
+        for split, values in signals.items():
+            for signal, v in values.items():
+                arrays[f"{split}_{row}_{signal}"] = v
+        parsed = parse_sampler(sampler)
+        passes = _dc_passes(parsed, splits["test"][1].max().item() + 1) if parsed.kind == "dc" \
+            else parsed.evaluations_per_image
+        record["rows"][row] = {"arm": arm_name, "sampler": sampler, "images_per_second": round(speed, 1),
+                               "evaluations_per_image": passes,
+                               "eval_seconds": round(time.perf_counter() - eval_started, 2)}
+
+
+def _added_rows(spec: dict, arm_name: str, record: dict, arrays: dict, resolution: int, ratio: float,
+                seed: int) -> list[str]:
+    """Rows the config added to an arm that is already trained and predicted: the arm's recipe with only its
+    recorded rows is the recorded recipe, so its training is the same and only the new rows need predicting."""
+    arm, cached = spec["arms"][arm_name], record["arms"].get(arm_name)
+    if "ensemble" in arm or not cached:
+        return []
+    recorded = {r: i["sampler"] for r, i in record["rows"].items() if i.get("arm") == arm_name}
+    if not recorded or any(f"test_{r}" not in arrays or arm["predict"].get(r) != s for r, s in recorded.items()):
+        return []
+    if _arm_recipe(spec, arm_name, resolution, ratio, seed, predict=recorded) != cached.get("recipe"):
+        return []
+    return [r for r in arm["predict"] if r not in recorded]
+
+
+def _rescore(record: dict, arrays: dict, arm_name: str, signal_row: str | None) -> bool:
+    """Recompute, from the saved predictions, the metrics of this arm's rows that an older arm_metrics wrote."""
+    stale = [row for row, info in record["rows"].items() if info.get("arm") == arm_name
+             and info.get("metrics_version") != METRICS_VERSION and f"test_{row}" in arrays]
+    for row in stale:
+        record["rows"][row].update(_row_metrics(arrays, row, signal_row))
+    return bool(stale)
+
+
 def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: bool = True, log=print) -> dict:
-    """Train and evaluate every arm of one cell that is not cached; returns the cell's record."""
+    """Train and evaluate every arm of one cell that is not cached; returns the cell's record.
+
+    A cached arm whose rows an older arm_metrics scored is rescored from its saved predictions; a trained arm
+    to which the config added prediction rows gets only those rows, predicted by its saved model."""
     name = _cell_name(resolution, ratio, seed)
     out = Path(spec["output"])
     cell_path, pred_path = out / "cells" / f"{name}.json", out / "predictions" / f"{name}.npz"
@@ -376,6 +450,26 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
     arrays = _load_predictions(pred_path)
     splits = test_set = None
     batch = int(spec.get("eval_batch_size", 512))
+
+    def need_splits():
+        nonlocal splits, test_set
+        if splits is None:
+            splits, test_set = _splits(spec, resolution, ratio, seed)
+            arrays["val_labels"] = splits["val"][1].numpy().astype(np.int16)
+            arrays["test_labels"] = splits["test"][1].numpy().astype(np.int16)
+
+    def save(arm_name: str, rows: list[str], seconds: float) -> None:
+        # metrics are computed from the arrays as saved, never from the in-memory float32 probabilities
+        signal_row = spec["arms"][arm_name].get("trajectory")
+        for row, info in record["rows"].items():
+            if info["arm"] == arm_name and row in rows:
+                info.update(_row_metrics(arrays, row, signal_row))
+        _save_predictions(pred_path, arrays)
+        record["commit"] = _commit()
+        write_json(cell_path, record)
+        log(f"[{name}] {arm_name}: " + ", ".join(f"{row} {record['rows'][row]['top1']:.2f}%" for row in rows) +
+            f" ({seconds:.0f} s)")
+
     for arm_name, arm in spec["arms"].items():
         if not _in_cell(spec, arm, resolution, ratio):
             continue
@@ -383,13 +477,32 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
         cached = record["arms"].get(arm_name, {})
         rows = [arm_name] if "ensemble" in arm else list(arm["predict"])
         if cached.get("recipe") == recipe and all(f"test_{r}" in arrays for r in rows):
-            log(f"[{name}] {arm_name}: cached")
+            if _rescore(record, arrays, arm_name, arm.get("trajectory")):
+                write_json(cell_path, record)
+                log(f"[{name}] {arm_name}: cached, rescored from its saved predictions")
+            else:
+                log(f"[{name}] {arm_name}: cached")
             continue
-        if splits is None:
-            splits, test_set = _splits(spec, resolution, ratio, seed)
-            arrays["val_labels"] = splits["val"][1].numpy().astype(np.int16)
-            arrays["test_labels"] = splits["test"][1].numpy().astype(np.int16)
         started = time.perf_counter()
+        added = _added_rows(spec, arm_name, record, arrays, resolution, ratio, seed)
+        if added:
+            from .runtime import load_trained_model, resolve_device
+
+            need_splits()
+            run_dir = _arm_run_dir(spec, arm_name, resolution, ratio, seed)
+            model, diffusion, _ = load_trained_model(run_dir / "model.safetensors",
+                                                     resolve_device(spec.get("runtime", {}).get("device", "auto")))
+            if cached.get("channels_last"):  # predicted as it was trained
+                model = model.to(memory_format=torch.channels_last)
+            _predict_arm_rows(spec, arm_name, added, model, diffusion, splits, test_set, seed, batch, arrays, record,
+                              name, log)
+            _rescore(record, arrays, arm_name, arm.get("trajectory"))
+            cached["recipe"] = recipe
+            cached.setdefault("rows_added", []).append({"rows": added, "commit": _commit(),
+                                                        "from": str(run_dir / "model.safetensors")})
+            save(arm_name, added, time.perf_counter() - started)
+            continue
+        need_splits()
         arm_record = {"recipe": recipe, "commit": _commit()}
         if "ensemble" in arm:
             of, members = arm["ensemble"]["of"], int(arm["ensemble"]["members"])
@@ -416,25 +529,8 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
             arm_record.update(info)
             model, diffusion = result.model, result.diffusion
             device = next(model.parameters()).device
-            augment = test_set.batch_augment()
-            for row, sampler in arm["predict"].items():
-                log(f"[{name}] {arm_name}: predicting {row} ({sampler}) on "
-                    + ", ".join(f"{len(v[1])} {k}" for k, v in splits.items()) + " images")
-                eval_started = time.perf_counter()
-                with_trajectory = arm.get("trajectory") == row
-                probs, signals, speed = _predict_row(model, diffusion, sampler, splits, device, seed,
-                                                     spec.get("cl_limit"), augment, with_trajectory, batch)
-                for split, p in probs.items():
-                    arrays[f"{split}_{row}"] = p
-                for split, values in signals.items():
-                    for signal, v in values.items():
-                        arrays[f"{split}_{row}_{signal}"] = v
-                parsed = parse_sampler(sampler)
-                passes = _dc_passes(parsed, splits["test"][1].max().item() + 1) if parsed.kind == "dc" \
-                    else parsed.evaluations_per_image
-                record["rows"][row] = {"arm": arm_name, "sampler": sampler, "images_per_second": round(speed, 1),
-                                       "evaluations_per_image": passes,
-                                       "eval_seconds": round(time.perf_counter() - eval_started, 2)}
+            _predict_arm_rows(spec, arm_name, rows, model, diffusion, splits, test_set, seed, batch, arrays, record,
+                              name, log)
             if arm.get("trajectory") and diffusion is not None and spec.get("trajectories"):
                 count = int(spec["trajectories"])
                 images, labels = splits["test"][0][:count].to(device), splits["test"][1][:count]
@@ -448,16 +544,7 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
             arm_record["device"] = _device_label(device)
         arm_record["wall_seconds"] = round(time.perf_counter() - started, 2)
         record["arms"][arm_name] = arm_record
-        # metrics are computed from the arrays as saved, never from the in-memory float32 probabilities
-        for row, info in record["rows"].items():
-            if info["arm"] == arm_name:
-                info.update(_row_metrics(arrays, row, arm.get("trajectory")))
-        _save_predictions(pred_path, arrays)
-        record["commit"] = _commit()
-        write_json(cell_path, record)
-        log(f"[{name}] {arm_name}: " + ", ".join(
-            f"{row} {info['top1']:.2f}%" for row, info in record["rows"].items() if info["arm"] == arm_name) +
-            f" ({arm_record['wall_seconds']:.0f} s)")
+        save(arm_name, rows, arm_record["wall_seconds"])
     return record
 
 

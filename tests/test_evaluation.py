@@ -17,14 +17,19 @@ class _Linear(torch.nn.Module):
 
 
 @pytest.mark.parametrize("text,name,evals", [("cp:8", "cp:8", 8), ("cp:2:max", "cp:2:max", 2),
+                                             ("cp:8:min:official", "cp:8:min:official", 8),
+                                             ("cp:8:exponential", "cp:8:exponential", 8),
+                                             ("cp:4:exponential:official:max", "cp:4:max:official:exponential", 4),
                                              ("cl:8x10", "cl:8x10", 80), ("tta:4", "tta:4", 4),
                                              ("classifier", "classifier", 1), ("mean", "mean", 1)])
 def test_sampler_specs_round_trip_and_count_network_passes(text, name, evals):
     spec = parse_sampler(text)
     assert spec.name == name and spec.evaluations_per_image == evals
+    assert parse_sampler(spec.name) == spec  # the canonical name reads back as the same sampler
 
 
-@pytest.mark.parametrize("bad", ["cp", "cp:0", "cl:8x0", "tta", "cp:8:middle", "nonsense"])
+@pytest.mark.parametrize("bad", ["cp", "cp:0", "cl:8x0", "tta", "cp:8:middle", "nonsense", "cp:8:max:min",
+                                 "cp:8:exponential:euler", "cl:8x10:exponential"])
 def test_bad_sampler_specs_are_refused(bad):
     with pytest.raises(ConfigError):
         parse_sampler(bad)

@@ -1,5 +1,7 @@
 """CP and CL samplers against explicit K x K reverse-rate matrices, exact scores and Monte Carlo counts."""
 
+import math
+
 import pytest
 import torch
 
@@ -130,6 +132,57 @@ def test_cp_with_exact_scores_recovers_the_posterior(return_trajectory):
     assert errors[2] < 0.005, errors
     assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False)), errors
     assert (total_variation(probs, q) < total_variation(torch.full_like(q, 0.1), q)).all()
+
+
+def reference_exponential_cp(model, x, schedule, steps, eps):
+    """CP with the exponential update from explicit matrices: class i loses mass at r_i = -R_ii exactly over the
+    step and gains g_i = sum_{j != i} R_ij p_j held fixed: p_i <- p_i e^{-h r_i} + g_i (1 - e^{-h r_i}) / r_i."""
+    batch, num_classes = x.shape[0], x.shape[1]
+    p = torch.full((batch, num_classes), 1.0 / num_classes, dtype=torch.float64)
+    points = torch.linspace(1, eps, steps + 1, dtype=torch.float64)
+    for t, dt in zip(points[:-1], points[:-1] - points[1:], strict=True):
+        sigma, dsigma = schedule(torch.full((batch,), t.item(), dtype=torch.float64))
+        c = p.argmin(1)
+        log_score = model(x, c, sigma.float()).double().scatter(1, c[:, None], 0.0)
+        rows = []
+        for b in range(batch):
+            R, h = explicit_reverse_rate(log_score[b]), (dt * dsigma[b]).item()
+            new = torch.empty(num_classes, dtype=torch.float64)
+            for i in range(num_classes):
+                r = -R[i, i].item()
+                g = sum(R[i, j].item() * p[b, j].item() for j in range(num_classes) if j != i)
+                new[i] = p[b, i] * math.exp(-h * r) + g * (-math.expm1(-h * r) / r if r > 0 else h)
+            rows.append(new / new.sum())
+        p = torch.stack(rows)
+    return p
+
+
+def test_exponential_cp_matches_explicit_matrix_updates_and_never_zeroes_a_class():
+    num_classes, steps = 6, 3
+    x = torch.randn(5, num_classes, generator=torch.Generator().manual_seed(1))
+    diffusion = didicm.UniformDiffusion(num_classes, didicm.LogLinearSchedule())
+    probs = didicm.CPSampler(diffusion, steps=steps, update="exponential").run(label_dependent_model, x)
+    expected = reference_exponential_cp(label_dependent_model, x, diffusion.schedule, steps, 1e-5)
+    torch.testing.assert_close(probs.double(), expected, rtol=1e-5, atol=1e-9)
+    # the same network and grid: the Euler step overshoots and its clamp sets classes to exactly zero, while the
+    # exponential step keeps every class positive
+    euler = didicm.CPSampler(diffusion, steps=steps).run(label_dependent_model, 3 * x)
+    exponential = didicm.CPSampler(diffusion, steps=steps, update="exponential").run(label_dependent_model, 3 * x)
+    assert (euler == 0).any() and (exponential > 0).all()
+    torch.testing.assert_close(exponential.sum(1), torch.ones(5))
+
+
+def test_exponential_cp_with_exact_scores_converges_to_the_posterior_at_first_order():
+    num_classes, batch = 10, 64
+    q = random_posteriors(batch, num_classes, seed=3)
+    diffusion = didicm.UniformDiffusion(num_classes, didicm.LogLinearSchedule())
+    errors = []
+    for steps in (8, 16, 32, 64):
+        probs = didicm.CPSampler(diffusion, steps=steps, update="exponential").run(exact_score_model, q)
+        errors.append(total_variation(probs, q).max().item())
+    # halving the step halves the error (first order); the Euler step is closer at the same S (see its test)
+    assert all(0.4 < later / earlier < 0.6 for earlier, later in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < 0.01, errors
 
 
 @pytest.mark.parametrize("return_trajectory", [False, True])
@@ -273,6 +326,7 @@ def test_generator_makes_random_mode_and_cl_reproducible():
     lambda d: didicm.CPSampler(d, eps=-1e-3),
     lambda d: didicm.CPSampler(d, mode="median"),
     lambda d: didicm.CPSampler(d, grid="cosine"),
+    lambda d: didicm.CPSampler(d, update="rk4"),
     lambda d: didicm.CLSampler(d, steps=0),
     lambda d: didicm.CLSampler(d, eps=1.5),
     lambda d: didicm.CLSampler(d, chains=0),

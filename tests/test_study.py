@@ -212,3 +212,56 @@ def test_trajectory_scores_read_when_the_top_class_settles_and_the_mean_entropy(
     assert scores["path_entropy"].tolist() == [0.0, 0.0, 0.0]
     smooth = torch.stack([uniform, uniform, a, a, a])[None]
     assert trajectory_scores(smooth)["path_entropy"].item() == pytest.approx(math.log(10) / 4)
+
+
+def test_rows_added_to_a_trained_arm_are_predicted_by_its_saved_model_and_old_rows_are_rescored(tmp_path, capsys):
+    spec = dict(STUDY, seeds=[0], resolutions=[4], output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
+    spec["arms"] = {k: v for k, v in STUDY["arms"].items() if k in ("twin", "didicm")}
+    _run(tmp_path, spec, "--no-aggregate")
+    cell_path = tmp_path / "results" / "cells" / "res4_ratio0.5_seed0.json"
+    pred_path = tmp_path / "results" / "predictions" / "res4_ratio0.5_seed0.npz"
+    before = json.loads(cell_path.read_text())
+    arrays_before = dict(np.load(pred_path))
+    # a row scored by an older arm_metrics (no at_floor, no version)
+    old = json.loads(cell_path.read_text())
+    for key in ("at_floor", "nll_at_floor", "metrics_version"):
+        old["rows"]["twin"].pop(key)
+    cell_path.write_text(json.dumps(old))
+
+    spec["arms"] = json.loads(json.dumps(spec["arms"]))
+    spec["arms"]["didicm"]["predict"]["didicm_cp2exp"] = "cp:2:exponential"
+    capsys.readouterr()
+    _run(tmp_path, spec, "--no-aggregate")
+    printed = capsys.readouterr().out
+    assert "training" not in printed  # nothing retrained
+    assert "predicting didicm_cp2exp (cp:2:exponential)" in printed and "predicting didicm (" not in printed
+    assert "twin: cached, rescored" in printed
+    after = json.loads(cell_path.read_text())
+    arrays_after = dict(np.load(pred_path))
+    # the training record is kept, the recipe now names the new rows, and where they came from is recorded
+    arm_before, arm_after = before["arms"]["didicm"], after["arms"]["didicm"]
+    assert {k: v for k, v in arm_after.items() if k not in ("recipe", "rows_added")} == \
+        {k: v for k, v in arm_before.items() if k != "recipe"}
+    assert arm_after["recipe"] != arm_before["recipe"]
+    assert arm_after["rows_added"][0]["rows"] == ["didicm_cp2exp"]
+    # earlier rows and arrays unchanged; the rescored row has the same numbers plus the new ones
+    for key, value in arrays_before.items():
+        np.testing.assert_array_equal(arrays_after[key], value)
+    for row in before["rows"]:
+        assert after["rows"][row] == before["rows"][row], row
+    new = after["rows"]["didicm_cp2exp"]
+    assert new["arm"] == "didicm" and new["evaluations_per_image"] == 2 and new["at_floor"] == 0.0
+    assert arrays_after["test_didicm_cp2exp"].shape == arrays_before["test_didicm"].shape
+    # the saved model predicts as the trained one did: its CP-2 row, re-predicted, is the saved one bit for bit
+    from didicm.runtime import load_trained_model
+    from didicm.study import _arm_run_dir, _predict_row, _splits, load_study
+    loaded = load_study(tmp_path / "study.yaml")
+    model, diffusion, _ = load_trained_model(_arm_run_dir(loaded, "didicm", 4, 0.5, 0) / "model.safetensors")
+    splits, _ = _splits(loaded, 4, 0.5, 0)
+    probs, _, _ = _predict_row(model, diffusion, "cp:2", {"test": splits["test"]}, "cpu", 0, None, None, False, 512)
+    np.testing.assert_array_equal(probs["test"], arrays_after["test_didicm"])
+
+    capsys.readouterr()
+    _run(tmp_path, spec, "--no-aggregate")
+    printed = capsys.readouterr().out
+    assert printed.count(": cached") == 2 and "rescored" not in printed

@@ -17,10 +17,12 @@ import torch
 from ..errors import ConfigError, InputError
 from .process import UniformDiffusion
 
-__all__ = ["CPSampler", "CLSampler", "time_grid", "reverse_rate_times", "CP_MODES", "GRIDS"]
+__all__ = ["CPSampler", "CLSampler", "time_grid", "reverse_rate_times", "exponential_reverse_step", "CP_MODES",
+           "CP_UPDATES", "GRIDS"]
 
 ScoreModel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 CP_MODES = ("min", "max", "random")
+CP_UPDATES = ("euler", "exponential")
 GRIDS = ("consistent", "official")
 
 
@@ -40,6 +42,19 @@ def time_grid(steps: int, eps: float, grid: str = "consistent") -> tuple[torch.T
     raise ConfigError(f"unknown time grid {grid!r}; choose one of {GRIDS}")
 
 
+def _score_weights(log_score: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a = softmax(s) in ``dtype``, with every log-ratio held within half the exponent range of the largest one."""
+    log_score = log_score.to(dtype)
+    shifted = log_score - log_score.amax(dim=1, keepdim=True)
+    # 1 / a_j overflows (then inf * 0 = NaN) once a log-ratio spread passes ~709 in float64 or ~88 in float32.
+    # Bounding it at half the exponent range keeps the product finite; only a class whose outflow already
+    # exceeds its mass by many orders of magnitude (the clamp in ``run`` zeroes it either way) is affected.
+    shifted = shifted.clamp_min(-0.5 * math.log(torch.finfo(dtype).max))
+    # One exp and a reciprocal instead of log_softmax and two exps: exp dominates the cost of a CP step.
+    unnormalized = torch.exp(shifted)
+    return unnormalized / unnormalized.sum(dim=1, keepdim=True)
+
+
 def reverse_rate_times(probs: torch.Tensor, log_score: torch.Tensor) -> torch.Tensor:
     """(R p) for the uniform graph, in O(K): R_ij = (a_i / a_j) Q_ij off the diagonal, columns summing to 0.
 
@@ -51,17 +66,36 @@ def reverse_rate_times(probs: torch.Tensor, log_score: torch.Tensor) -> torch.Te
     Returns:
         [B, K], the time derivative of p per unit of sigma in the reverse direction.
     """
-    log_score = log_score.to(probs.dtype)
-    shifted = log_score - log_score.amax(dim=1, keepdim=True)
-    # 1 / a_j overflows (then inf * 0 = NaN) once a log-ratio spread passes ~709 in float64 or ~88 in float32.
-    # Bounding it at half the exponent range keeps the product finite; only a class whose outflow already
-    # exceeds its mass by many orders of magnitude (the clamp in ``run`` zeroes it either way) is affected.
-    shifted = shifted.clamp_min(-0.5 * math.log(torch.finfo(probs.dtype).max))
-    # One exp and a reciprocal instead of log_softmax and two exps: exp dominates the cost of a CP step.
-    unnormalized = torch.exp(shifted)
-    a = unnormalized / unnormalized.sum(dim=1, keepdim=True)
+    a = _score_weights(log_score, probs.dtype)
     p_over_a = probs * a.reciprocal()
     return (a * p_over_a.sum(dim=1, keepdim=True) - p_over_a) / probs.shape[1]
+
+
+def exponential_reverse_step(probs: torch.Tensor, log_score: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """One CP step of length ``h`` (in sigma) that cannot leave the simplex, in O(K) (exponential Euler).
+
+    R p splits into an outflow r_i p_i, r_i = (1 / a_i - 1) / K, and an inflow g_i = (a_i / K) sum_{j != i}
+    p_j / a_j >= 0. The outflow is integrated exactly over the step and the inflow held at its start value:
+    p_i <- p_i e^{-h r_i} + g_i (1 - e^{-h r_i}) / r_i. Every term is non-negative, so no clamp is needed and no
+    class is set to exactly zero when h r_i is large (the Euler step overshoots there); such a class ends near its
+    quasi-steady value g_i / r_i instead. First order in h, like the Euler step; the mass is restored by the
+    caller's renormalisation.
+
+    Args:
+        probs: [B, K] float, current state p; log_score: [B, K] float; h: [B, 1] float, dt * dsigma.
+    Returns:
+        [B, K], unnormalised.
+    """
+    a = _score_weights(log_score, probs.dtype)
+    inv_a = a.reciprocal()
+    p_over_a = probs * inv_a
+    inflow = a * (p_over_a.sum(dim=1, keepdim=True) - p_over_a) / probs.shape[1]
+    rate = (inv_a - 1.0).clamp_min(0.0) / probs.shape[1]
+    decay = torch.exp(-h * rate)
+    # (1 - e^{-h r}) / r, which tends to h as r -> 0 (a class holding all the weight has no outflow)
+    gain = torch.where(h * rate > 1e-12, -torch.expm1(-h * rate) / rate.clamp_min(torch.finfo(probs.dtype).tiny),
+                       h.expand_as(rate))
+    return probs * decay + inflow * gain
 
 
 def _check_common(steps: int, eps: float) -> None:
@@ -105,6 +139,8 @@ class CPSampler:
         mode: which label the network is conditioned on each step: 'min' (argmin p, official default),
             'max' (argmax p) or 'random' (a uniform draw).
         grid: 'consistent' (default) or 'official'; see ``time_grid``.
+        update: 'euler' (the paper's: p + h R p, clamped to [0, 1] and renormalised; an overshooting step sets a
+            class to exactly 0) or 'exponential' (``exponential_reverse_step``: no clamp, no exact zeros).
     """
 
     diffusion: UniformDiffusion
@@ -112,11 +148,14 @@ class CPSampler:
     eps: float = 1e-5
     mode: str = "min"
     grid: str = "consistent"
+    update: str = "euler"
 
     def __post_init__(self):
         _check_common(self.steps, self.eps)
         if self.mode not in CP_MODES:
             raise ConfigError(f"unknown CP label mode {self.mode!r}; choose one of {CP_MODES}")
+        if self.update not in CP_UPDATES:
+            raise ConfigError(f"unknown CP update {self.update!r}; choose one of {CP_UPDATES}")
         time_grid(1, self.eps, self.grid)  # validates the grid name
 
     @property
@@ -146,9 +185,13 @@ class CPSampler:
             sigma, dsigma = self.diffusion.schedule(t_batch)
             c = self._labels(probs, generator)
             log_score = _call_model(model, x, c, sigma.float(), K)
-            probs = probs + (dt * dsigma).reshape(-1, 1) * reverse_rate_times(probs, log_score)
-            # Euler steps can overshoot the simplex when dt * dsigma is large; project back as the paper does.
-            probs = probs.clamp(0.0, 1.0)
+            h = (dt * dsigma).reshape(-1, 1)
+            if self.update == "euler":
+                probs = probs + h * reverse_rate_times(probs, log_score)
+                # Euler steps can overshoot the simplex when h is large; project back as the paper does.
+                probs = probs.clamp(0.0, 1.0)
+            else:
+                probs = exponential_reverse_step(probs, log_score, h)
             probs = probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(state_dtype).tiny)
             if return_trajectory:
                 trajectory.append(probs)
