@@ -910,7 +910,7 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
             entry = {"row": row, "seeds": stats["seeds"]}
             for metric, digits in (("top1", 2), ("nll_ts", 3), ("ece_ts", 3), ("brier_ts", 3), ("nll", 3),
                                    ("ece", 3), ("aurc", 4), ("acc_at_90", 2), ("auroc_digits_maxprob", 3),
-                                   ("auroc_noise_maxprob", 3)):
+                                   ("auroc_noise_maxprob", 3), ("at_floor", 2)):
                 if metric in stats:
                     entry[metric] = _fmt(stats[metric], digits)
             rows.append(entry)
@@ -972,6 +972,17 @@ def _findings(study: dict, headline: str) -> list[str]:
             text += (f"; against the best control (`{best}`), top-1 {b['top1']['mean']:+.2f} ± {b['top1']['std']:.2f}"
                      f" ({b['top1']['verdict']}), NLL after scaling {b['nll_ts']['mean']:+.3f} ± "
                      f"{b['nll_ts']['std']:.3f} ({b['nll_ts']['verdict']})")
+        head = summary["rows"].get(HEADLINE, {})
+        if "at_floor" in head and head["at_floor"]["mean"] > 0:
+            text += (f". {headline} gives the true class probability exactly 0 (the NLL floor, which no temperature "
+                     f"lifts) on {head['at_floor']['mean']:.2f} ± {head['at_floor']['std']:.2f}% of test images, "
+                     f"{head['nll_at_floor']['mean']:.3f} ± {head['nll_at_floor']['std']:.3f} nats of its NLL")
+            exp = summary["gaps"].get(f"{HEADLINE}_cp8exp")
+            if exp:
+                text += (f"; minus the exponential update (`{HEADLINE}_cp8exp`, no exact zeros): top-1 "
+                         f"{exp['top1']['mean']:+.2f} ± {exp['top1']['std']:.2f} ({exp['top1']['verdict']}), NLL "
+                         f"after scaling {exp['nll_ts']['mean']:+.3f} ± {exp['nll_ts']['std']:.3f} "
+                         f"({exp['nll_ts']['verdict']})")
         out.append(text + ".")
     if not out:
         out.append("- No cell has both DiDiCM and its twin yet.")

@@ -61,6 +61,10 @@ def test_every_row_of_a_committed_cell_follows_from_its_saved_predictions(cell):
         at = _nll(val, v_labels, info["T"], floor_after=False)
         for nudged in (info["T"] * 1.01, info["T"] / 1.01):
             assert at <= _nll(val, v_labels, nudged, floor_after=False) + 1e-7, row
+        if "at_floor" in info:  # rows scored since arm_metrics' version 2
+            floored = (test[np.arange(n), labels] < FLOOR).mean()
+            assert info["at_floor"] == pytest.approx(100 * floored, abs=1e-9), row
+            assert info["nll_at_floor"] == pytest.approx(floored * -np.log(FLOOR), abs=1e-9), row
         for key in ("ece_ts", "brier_ts", "aurc", "acc_at_90", "auroc_digits_maxprob", "auroc_noise_maxprob"):
             assert np.isfinite(info[key]), (row, key)
 

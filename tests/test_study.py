@@ -99,6 +99,9 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
             assert info["top1"] == pytest.approx(100 * credit.mean(), abs=1e-9)
             assert info["nll"] == pytest.approx(np.mean(-np.log(np.clip(p[np.arange(n), labels], 1e-12, None))),
                                                 rel=1e-6)
+            at_floor = (p[np.arange(n), labels] < 1e-12).mean()
+            assert info["at_floor"] == pytest.approx(100 * at_floor) and \
+                info["nll_at_floor"] == pytest.approx(at_floor * -math.log(1e-12))
             v = val.astype(np.float64)
             v /= v.sum(axis=1, keepdims=True)
             assert info["T"] == pytest.approx(_reference_temperature(v, val_labels[:v.shape[0]]), rel=2e-3)
@@ -120,6 +123,10 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
             for stat in gap.values():
                 for digits in (2, 3):
                     values |= {f"{stat['mean']:+.{digits}f}", f"{stat['std']:.{digits}f}"}
+        for row in summary["rows"].values():  # the floor sentence quotes the headline row's own statistics
+            for metric in ("at_floor", "nll_at_floor"):
+                for digits in (2, 3):
+                    values |= {f"{row[metric][k]:.{digits}f}" for k in ("mean", "std") if metric in row}
     quoted = re.findall(r"[+-]?\d+\.\d+", findings)
     assert quoted and all(q in values for q in quoted)
 
