@@ -159,6 +159,8 @@ class TrainConfig:
                               f"got {self.diffusion.t_sampling!r}")
         if e.sampler not in ("cp", "cl", "mean", "dc"):
             raise ConfigError(f"eval.sampler must be 'cp', 'cl', 'mean' or 'dc', got {e.sampler!r}")
+        if e.update not in ("euler", "exponential"):
+            raise ConfigError(f"eval.update must be 'euler' or 'exponential', got {e.update!r}")
         if o.ema_decay is not None and not 0.0 < o.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must lie in (0, 1), got {o.ema_decay!r}")
         if o.ema_warmup and o.ema_decay is None:

@@ -211,9 +211,10 @@ def arm_metrics(val_probs, val_labels, test_probs, test_labels, ood: dict | None
     Returns:
         test metrics before (top1, nll, ece, brier, aurc, acc_at_90, top5, entropy) and after temperature
         scaling (T fitted on validation: nll_ts, ece_ts, brier_ts), val_top1/val_nll, and OOD AUROCs.
-        ``at_floor`` is the percentage of test images whose true class has probability below NLL_FLOOR (exactly 0
-        as saved, e.g. where CP's clamp zeroed it: no temperature can lift it) and ``nll_at_floor`` the nats those
-        images add to the mean NLL, before and after scaling alike.
+        ``at_floor`` is the percentage of test images whose true class has probability below NLL_FLOOR (0 as
+        saved: e.g. where CP's Euler clamp zeroed it, or below float16's resolution) and ``nll_at_floor`` the nats
+        those images add to the mean NLL before scaling (27.63 each; after scaling by T a zero costs about
+        27.63 / T plus the log-normaliser).
     """
     val, test = _as_saved(val_probs), _as_saved(test_probs)
     val_labels, test_labels = torch.as_tensor(val_labels).long(), torch.as_tensor(test_labels).long()
@@ -408,19 +409,55 @@ def _predict_arm_rows(spec: dict, arm_name: str, rows: list[str], model, diffusi
                                "eval_seconds": round(time.perf_counter() - eval_started, 2)}
 
 
-def _added_rows(spec: dict, arm_name: str, record: dict, arrays: dict, resolution: int, ratio: float,
-                seed: int) -> list[str]:
-    """Rows the config added to an arm that is already trained and predicted: the arm's recipe with only its
-    recorded rows is the recorded recipe, so its training is the same and only the new rows need predicting."""
+def _prediction_changes(spec: dict, arm_name: str, record: dict, arrays: dict, resolution: int, ratio: float,
+                        seed: int) -> tuple[list[str], list[str]] | None:
+    """For an arm already trained and predicted whose config changed only in its prediction rows: (rows to
+    predict, added or with another sampler; recorded rows the config no longer has). None when its training
+    differs: the arm's recipe with its recorded rows must be the recorded recipe."""
     arm, cached = spec["arms"][arm_name], record["arms"].get(arm_name)
     if "ensemble" in arm or not cached:
-        return []
+        return None
     recorded = {r: i["sampler"] for r, i in record["rows"].items() if i.get("arm") == arm_name}
-    if not recorded or any(f"test_{r}" not in arrays or arm["predict"].get(r) != s for r, s in recorded.items()):
-        return []
+    if not recorded or any(f"test_{r}" not in arrays for r in recorded):
+        return None
     if _arm_recipe(spec, arm_name, resolution, ratio, seed, predict=recorded) != cached.get("recipe"):
-        return []
-    return [r for r in arm["predict"] if r not in recorded]
+        return None
+    predict = [r for r, sampler in arm["predict"].items()
+               if r not in recorded or parse_sampler(sampler).name != parse_sampler(recorded[r]).name]
+    return predict, [r for r in recorded if r not in arm["predict"]]
+
+
+def _saved_arm_model(spec: dict, arm_name: str, cached: dict, splits: dict, arrays: dict, record: dict,
+                     resolution: int, ratio: float, seed: int, batch: int):
+    """(model, diffusion, device name) from the arm's run folder, if it is the model that made the arm's saved
+    predictions: the same final step, and a deterministic recorded row re-predicted on the first validation batch
+    equal to the saved one (within float16 rounding, which another thread count's kernels can move).
+    (None, reason) otherwise."""
+    from .runtime import load_trained_model, resolve_device
+
+    path = _arm_run_dir(spec, arm_name, resolution, ratio, seed) / "model.safetensors"
+    if not path.exists():
+        return None, f"{path} is missing"
+    values = merge_dicts(_arm_config(spec, arm_name, resolution, ratio, seed), spec.get("runtime", {}))
+    device = resolve_device(values.get("device", "auto"))
+    model, diffusion, meta = load_trained_model(path, device)
+    if meta.get("step") != cached.get("steps_run"):
+        return None, f"{path} stopped at step {meta.get('step')}, the arm's record at {cached.get('steps_run')}"
+    if cached.get("channels_last"):  # predicted as it was trained
+        model = model.to(memory_format=torch.channels_last)
+    deterministic = [r for r, i in record["rows"].items() if i.get("arm") == arm_name and
+                     parse_sampler(i["sampler"]).kind in ("cp", "classifier", "mean") and
+                     parse_sampler(i["sampler"]).mode != "random"]
+    if deterministic:
+        row = deterministic[0]
+        count = min(batch, len(splits["val"][1]))  # the first batch as it was predicted
+        check = {"val": (splits["val"][0][:count], splits["val"][1][:count])}
+        probs, _, _ = _predict_row(model, diffusion, record["rows"][row]["sampler"], check, device, seed, None, None,
+                                   False, batch)
+        difference = np.abs(probs["val"].astype(np.float32) - arrays[f"val_{row}"][:count].astype(np.float32)).max()
+        if difference > 1e-3:
+            return None, f"{path} does not reproduce the saved {row} predictions (they differ by {difference:.3g})"
+    return (model, diffusion, _device_label(device)), None
 
 
 def _rescore(record: dict, arrays: dict, arm_name: str, signal_row: str | None) -> bool:
@@ -455,8 +492,12 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
         nonlocal splits, test_set
         if splits is None:
             splits, test_set = _splits(spec, resolution, ratio, seed)
-            arrays["val_labels"] = splits["val"][1].numpy().astype(np.int16)
-            arrays["test_labels"] = splits["test"][1].numpy().astype(np.int16)
+            for split in ("val", "test"):
+                labels = splits[split][1].numpy().astype(np.int16)
+                if f"{split}_labels" in arrays and not np.array_equal(arrays[f"{split}_labels"], labels):
+                    raise DidicmError(f"{pred_path} holds other {split} labels than the data gives now (has the data "
+                                      "set or its split changed?); move it aside to start the cell again")
+                arrays[f"{split}_labels"] = labels
 
     def save(arm_name: str, rows: list[str], seconds: float) -> None:
         # metrics are computed from the arrays as saved, never from the in-memory float32 probabilities
@@ -478,30 +519,36 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
         rows = [arm_name] if "ensemble" in arm else list(arm["predict"])
         if cached.get("recipe") == recipe and all(f"test_{r}" in arrays for r in rows):
             if _rescore(record, arrays, arm_name, arm.get("trajectory")):
+                record["commit"] = _commit()
                 write_json(cell_path, record)
                 log(f"[{name}] {arm_name}: cached, rescored from its saved predictions")
             else:
                 log(f"[{name}] {arm_name}: cached")
             continue
         started = time.perf_counter()
-        added = _added_rows(spec, arm_name, record, arrays, resolution, ratio, seed)
-        if added:
-            from .runtime import load_trained_model, resolve_device
-
+        changes = _prediction_changes(spec, arm_name, record, arrays, resolution, ratio, seed)
+        if changes is not None:
             need_splits()
-            run_dir = _arm_run_dir(spec, arm_name, resolution, ratio, seed)
-            model, diffusion, _ = load_trained_model(run_dir / "model.safetensors",
-                                                     resolve_device(spec.get("runtime", {}).get("device", "auto")))
-            if cached.get("channels_last"):  # predicted as it was trained
-                model = model.to(memory_format=torch.channels_last)
-            _predict_arm_rows(spec, arm_name, added, model, diffusion, splits, test_set, seed, batch, arrays, record,
-                              name, log)
-            _rescore(record, arrays, arm_name, arm.get("trajectory"))
-            cached["recipe"] = recipe
-            cached.setdefault("rows_added", []).append({"rows": added, "commit": _commit(),
-                                                        "from": str(run_dir / "model.safetensors")})
-            save(arm_name, added, time.perf_counter() - started)
-            continue
+            saved, reason = _saved_arm_model(spec, arm_name, cached, splits, arrays, record, resolution, ratio, seed,
+                                             batch)
+            if saved is None:
+                log(f"[{name}] {arm_name}: its prediction rows changed, but {reason}: training it again")
+            else:
+                model, diffusion, device = saved
+                predict, dropped = changes
+                for row in dropped:  # rows the config no longer has: their record and arrays go
+                    record["rows"].pop(row)
+                    names = {row, f"{row}_settle", f"{row}_path_entropy"}  # '<split>_<name>' in the arrays
+                    for key in [k for k in arrays if "_" in k and k.split("_", 1)[1] in names]:
+                        del arrays[key]
+                _predict_arm_rows(spec, arm_name, predict, model, diffusion, splits, test_set, seed, batch, arrays,
+                                  record, name, log)
+                _rescore(record, arrays, arm_name, arm.get("trajectory"))
+                cached["recipe"] = recipe
+                cached.setdefault("rows_added", []).append({"rows": predict, "dropped": dropped, "commit": _commit(),
+                                                            "device": device})
+                save(arm_name, predict, time.perf_counter() - started)
+                continue
         need_splits()
         arm_record = {"recipe": recipe, "commit": _commit()}
         if "ensemble" in arm:
@@ -724,12 +771,16 @@ def _figures(spec: dict, cells: list[dict], summaries: list[dict], out: Path) ->
                                         ylabel=f"top-1 gap, DiDiCM - {label} (points)")))
     hardest = min((c["resolution"], c["data_ratio"]) for c in cells)
     cell = next(c for c in cells if (c["resolution"], c["data_ratio"]) == hardest)
-    cp = sorted((r for r, info in cell["rows"].items()
-                 if info["arm"] == HEADLINE and info["sampler"].startswith("cp:")),
-                key=lambda r: int(cell["rows"][r]["sampler"].split(":")[1]))
-    if len(cp) >= 2:
-        curves = {"DiDiCM CP": ([int(cell["rows"][r]["sampler"].split(":")[1]) for r in cp],
-                                [cell["rows"][r]["top1"] for r in cp])}
+    head = parse_sampler(cell["rows"][HEADLINE]["sampler"]) if HEADLINE in cell["rows"] else None
+    family = {}  # steps -> row: CP rows that differ from the headline in their step count only
+    for r, info in cell["rows"].items():
+        parsed = parse_sampler(info["sampler"]) if info["arm"] == HEADLINE else None
+        if head and parsed and parsed.kind == "cp" and \
+                (parsed.mode, parsed.grid, parsed.update) == (head.mode, head.grid, head.update):
+            family[parsed.steps] = r
+    if len(family) >= 2:
+        steps = sorted(family)
+        curves = {"DiDiCM CP": (steps, [cell["rows"][family[k]]["top1"] for k in steps])}
         baselines = {r: cell["rows"][r]["top1"] for r in _controls(spec) if r in cell["rows"]}
         figures.append(str(plot_accuracy_vs_steps(curves, baselines, out / "steps.png",
                                                   title=f"{hardest[0]} px, ratio {hardest[1]:g}, seed {cell['seed']}")))
@@ -952,9 +1003,22 @@ def _signal_tables(summaries: list[dict]) -> list[str]:
     return out
 
 
+def _same_but_update(sampler: str, headline: str) -> bool:
+    """Whether ``sampler`` is the CP sampler ``headline`` with the exponential update instead of Euler's."""
+    a, b = parse_sampler(sampler), parse_sampler(headline)
+    return a.kind == b.kind == "cp" and a.update == "exponential" and b.update == "euler" and \
+        (a.steps, a.mode, a.grid) == (b.steps, b.mode, b.grid)
+
+
 def _findings(study: dict, headline: str) -> list[str]:
     """Sentences whose every number is read from the summaries (so the prose cannot drift from the data)."""
     out = []
+    exponential_rows = {}  # per setting: the headline's sampler with the exponential update, whatever its row name
+    for cell in study["cells"]:
+        head = cell["rows"].get(HEADLINE)
+        for row, info in cell["rows"].items():
+            if head and info.get("arm") == HEADLINE and _same_but_update(info["sampler"], head["sampler"]):
+                exponential_rows[(cell["resolution"], cell["data_ratio"])] = row
     for summary in study["summary"]:
         key = f"{summary['resolution']} px, ratio {summary['data_ratio']:g}"
         gaps = summary["gaps"]
@@ -974,15 +1038,16 @@ def _findings(study: dict, headline: str) -> list[str]:
                      f"{b['nll_ts']['std']:.3f} ({b['nll_ts']['verdict']})")
         head = summary["rows"].get(HEADLINE, {})
         if "at_floor" in head and head["at_floor"]["mean"] > 0:
-            text += (f". {headline} gives the true class probability exactly 0 (the NLL floor, which no temperature "
-                     f"lifts) on {head['at_floor']['mean']:.2f} ± {head['at_floor']['std']:.2f}% of test images, "
-                     f"{head['nll_at_floor']['mean']:.3f} ± {head['nll_at_floor']['std']:.3f} nats of its NLL")
-            exp = summary["gaps"].get(f"{HEADLINE}_cp8exp")
-            if exp:
-                text += (f"; minus the exponential update (`{HEADLINE}_cp8exp`, no exact zeros): top-1 "
-                         f"{exp['top1']['mean']:+.2f} ± {exp['top1']['std']:.2f} ({exp['top1']['verdict']}), NLL "
-                         f"after scaling {exp['nll_ts']['mean']:+.3f} ± {exp['nll_ts']['std']:.3f} "
-                         f"({exp['nll_ts']['verdict']})")
+            text += (f". {headline} gives the true class probability 0 (the NLL floor) on "
+                     f"{head['at_floor']['mean']:.2f} ± {head['at_floor']['std']:.2f}% of test images, "
+                     f"{head['nll_at_floor']['mean']:.3f} ± {head['nll_at_floor']['std']:.3f} nats of its NLL before "
+                     "scaling")
+        exponential = exponential_rows.get((summary["resolution"], summary["data_ratio"]))
+        if exponential in gaps:
+            e = gaps[exponential]
+            text += (f"; minus the same network with the exponential update (`{exponential}`): top-1 "
+                     f"{e['top1']['mean']:+.2f} ± {e['top1']['std']:.2f} ({e['top1']['verdict']}), NLL after "
+                     f"scaling {e['nll_ts']['mean']:+.3f} ± {e['nll_ts']['std']:.3f} ({e['nll_ts']['verdict']})")
         out.append(text + ".")
     if not out:
         out.append("- No cell has both DiDiCM and its twin yet.")

@@ -160,6 +160,9 @@ def test_bad_recipe_values_are_named():
         load_config(None, ["data.aug_repeats=-1"])
     with pytest.raises(ConfigError, match="model.init"):
         load_config(None, ["model.init=xavier"])
+    with pytest.raises(ConfigError, match="eval.update"):
+        load_config(None, ["eval.update=rk4"])
+    assert load_config(None, ["eval.update=exponential"]).eval.update == "exponential"
 
 
 def _lrs(schedule, optimizer, steps: int) -> list[float]:

@@ -221,9 +221,10 @@ def test_trajectory_scores_read_when_the_top_class_settles_and_the_mean_entropy(
     assert trajectory_scores(smooth)["path_entropy"].item() == pytest.approx(math.log(10) / 4)
 
 
-def test_rows_added_to_a_trained_arm_are_predicted_by_its_saved_model_and_old_rows_are_rescored(tmp_path, capsys):
+def test_changed_prediction_rows_of_a_trained_arm_come_from_its_saved_model_and_old_rows_are_rescored(
+        tmp_path, capsys):
     spec = dict(STUDY, seeds=[0], resolutions=[4], output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
-    spec["arms"] = {k: v for k, v in STUDY["arms"].items() if k in ("twin", "didicm")}
+    spec["arms"] = json.loads(json.dumps({k: v for k, v in STUDY["arms"].items() if k in ("twin", "didicm")}))
     _run(tmp_path, spec, "--no-aggregate")
     cell_path = tmp_path / "results" / "cells" / "res4_ratio0.5_seed0.json"
     pred_path = tmp_path / "results" / "predictions" / "res4_ratio0.5_seed0.npz"
@@ -235,40 +236,61 @@ def test_rows_added_to_a_trained_arm_are_predicted_by_its_saved_model_and_old_ro
         old["rows"]["twin"].pop(key)
     cell_path.write_text(json.dumps(old))
 
-    spec["arms"] = json.loads(json.dumps(spec["arms"]))
-    spec["arms"]["didicm"]["predict"]["didicm_cp2exp"] = "cp:2:exponential"
+    # a row added, one with another sampler, one removed
+    predict = spec["arms"]["didicm"]["predict"]
+    predict.update(didicm_cp2exp="cp:2:exponential", didicm_cp1="cp:1:exponential")
+    predict.pop("didicm_cl2x3")
     capsys.readouterr()
     _run(tmp_path, spec, "--no-aggregate")
     printed = capsys.readouterr().out
     assert "training" not in printed  # nothing retrained
-    assert "predicting didicm_cp2exp (cp:2:exponential)" in printed and "predicting didicm (" not in printed
-    assert "twin: cached, rescored" in printed
+    assert "predicting didicm_cp2exp (cp:2:exponential)" in printed
+    assert "predicting didicm_cp1 (cp:1:exponential)" in printed
+    assert "predicting didicm (" not in printed and "twin: cached, rescored" in printed
     after = json.loads(cell_path.read_text())
     arrays_after = dict(np.load(pred_path))
-    # the training record is kept, the recipe now names the new rows, and where they came from is recorded
+    # the training record is kept; the recipe now names the new rows, and what changed is recorded
     arm_before, arm_after = before["arms"]["didicm"], after["arms"]["didicm"]
     assert {k: v for k, v in arm_after.items() if k not in ("recipe", "rows_added")} == \
         {k: v for k, v in arm_before.items() if k != "recipe"}
     assert arm_after["recipe"] != arm_before["recipe"]
-    assert arm_after["rows_added"][0]["rows"] == ["didicm_cp2exp"]
-    # earlier rows and arrays unchanged; the rescored row has the same numbers plus the new ones
+    assert arm_after["rows_added"][0]["rows"] == ["didicm_cp1", "didicm_cp2exp"]
+    assert arm_after["rows_added"][0]["dropped"] == ["didicm_cl2x3"]
+    assert "didicm_cl2x3" not in after["rows"] and not any("didicm_cl2x3" in k for k in arrays_after)
+    # untouched rows and arrays are unchanged; the rescored row has the same numbers plus the new ones
     for key, value in arrays_before.items():
-        np.testing.assert_array_equal(arrays_after[key], value)
-    for row in before["rows"]:
+        if "didicm_cp1" not in key and "didicm_cl2x3" not in key:
+            np.testing.assert_array_equal(arrays_after[key], value)
+    for row in ("twin", "didicm"):
         assert after["rows"][row] == before["rows"][row], row
+    assert after["rows"]["didicm_cp1"]["sampler"] == "cp:1:exponential"
+    assert not np.array_equal(arrays_after["test_didicm_cp1"], arrays_before["test_didicm_cp1"])
     new = after["rows"]["didicm_cp2exp"]
-    assert new["arm"] == "didicm" and new["evaluations_per_image"] == 2 and new["at_floor"] == 0.0
+    assert new["arm"] == "didicm" and new["evaluations_per_image"] == 2
     assert arrays_after["test_didicm_cp2exp"].shape == arrays_before["test_didicm"].shape
-    # the saved model predicts as the trained one did: its CP-2 row, re-predicted, is the saved one bit for bit
-    from didicm.runtime import load_trained_model
-    from didicm.study import _arm_run_dir, _predict_row, _splits, load_study
-    loaded = load_study(tmp_path / "study.yaml")
-    model, diffusion, _ = load_trained_model(_arm_run_dir(loaded, "didicm", 4, 0.5, 0) / "model.safetensors")
-    splits, _ = _splits(loaded, 4, 0.5, 0)
-    probs, _, _ = _predict_row(model, diffusion, "cp:2", {"test": splits["test"]}, "cpu", 0, None, None, False, 512)
-    np.testing.assert_array_equal(probs["test"], arrays_after["test_didicm"])
 
+    # the report compares the headline with the same network's exponential update, found by its sampler
+    capsys.readouterr()
+    _run(tmp_path, spec)
+    printed = capsys.readouterr().out
+    assert printed.count(": cached") == 2 and "rescored" not in printed
+    findings = (tmp_path / "results" / "report.md").read_text().split("## Findings")[1].split("\n\n")[1]
+    assert "exponential update (`didicm_cp2exp`)" in findings
+
+    # a saved model that does not match the saved predictions is refused; a missing one means training again
+    from didicm.study import _saved_arm_model, _splits, load_study
+    loaded = load_study(tmp_path / "study.yaml")
+    splits, _ = _splits(loaded, 4, 0.5, 0)
+    arrays = dict(np.load(pred_path))
+    model, reason = _saved_arm_model(loaded, "didicm", after["arms"]["didicm"], splits, arrays, after, 4, 0.5, 0, 512)
+    assert reason is None
+    arrays["val_didicm"] = arrays["val_didicm"][:, ::-1].copy()
+    model, reason = _saved_arm_model(loaded, "didicm", after["arms"]["didicm"], splits, arrays, after, 4, 0.5, 0, 512)
+    assert model is None and "does not reproduce the saved didicm predictions" in reason
+    for run_dir in (tmp_path / "runs" / "res4_ratio0.5_seed0").glob("didicm-*"):
+        run_dir.rename(run_dir.with_name("moved-" + run_dir.name))
+    predict["didicm_cp4"] = "cp:4"
     capsys.readouterr()
     _run(tmp_path, spec, "--no-aggregate")
     printed = capsys.readouterr().out
-    assert printed.count(": cached") == 2 and "rescored" not in printed
+    assert "model.safetensors is missing: training it again" in printed and "training didicm" in printed

@@ -76,10 +76,11 @@ def exponential_reverse_step(probs: torch.Tensor, log_score: torch.Tensor, h: to
 
     R p splits into an outflow r_i p_i, r_i = (1 / a_i - 1) / K, and an inflow g_i = (a_i / K) sum_{j != i}
     p_j / a_j >= 0. The outflow is integrated exactly over the step and the inflow held at its start value:
-    p_i <- p_i e^{-h r_i} + g_i (1 - e^{-h r_i}) / r_i. Every term is non-negative, so no clamp is needed and no
-    class is set to exactly zero when h r_i is large (the Euler step overshoots there); such a class ends near its
-    quasi-steady value g_i / r_i instead. First order in h, like the Euler step; the mass is restored by the
-    caller's renormalisation.
+    p_i <- p_i e^{-h r_i} + g_i (1 - e^{-h r_i}) / r_i. Every term is non-negative, so no clamp is needed: where
+    h r_i is large (the Euler step overshoots and its clamp sets the class to exactly 0) the class ends near its
+    quasi-steady value g_i / r_i instead, positive unless it underflows (in float64 state, or below float16's
+    6e-8 once saved as float16). First order in h; with exact scores its error is larger than the Euler step's at
+    the same S (tests/test_samplers.py). The mass is restored by the caller's renormalisation.
 
     Args:
         probs: [B, K] float, current state p; log_score: [B, K] float; h: [B, 1] float, dt * dsigma.
@@ -140,7 +141,8 @@ class CPSampler:
             'max' (argmax p) or 'random' (a uniform draw).
         grid: 'consistent' (default) or 'official'; see ``time_grid``.
         update: 'euler' (the paper's: p + h R p, clamped to [0, 1] and renormalised; an overshooting step sets a
-            class to exactly 0) or 'exponential' (``exponential_reverse_step``: no clamp, no exact zeros).
+            class to exactly 0) or 'exponential' (``exponential_reverse_step``: no clamp, so no class is zeroed
+            by the step itself).
     """
 
     diffusion: UniformDiffusion
