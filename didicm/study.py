@@ -1038,7 +1038,8 @@ def _findings(study: dict, headline: str) -> list[str]:
                      f"{b['nll_ts']['std']:.3f} ({b['nll_ts']['verdict']})")
         head = summary["rows"].get(HEADLINE, {})
         if "at_floor" in head and head["at_floor"]["mean"] > 0:
-            text += (f". {headline} gives the true class probability 0 (the NLL floor) on "
+            text += (f". {headline} gives the true class probability 0 (the NLL floor, {-math.log(NLL_FLOOR):.2f} "
+                     "nats an image) on "
                      f"{head['at_floor']['mean']:.2f} ± {head['at_floor']['std']:.2f}% of test images, "
                      f"{head['nll_at_floor']['mean']:.3f} ± {head['nll_at_floor']['std']:.3f} nats of its NLL before "
                      "scaling")
