@@ -64,7 +64,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 
 def _variant_config(spec: dict, arm: str, overrides: list[str], resolution: int, ratio: float, seed: int,
                      out: Path) -> dict:
-    from didicm.study import _arm_config
+    from didicm.study.spec import _arm_config
 
     values = _arm_config(spec, arm, resolution, ratio, seed)
     resolved = []

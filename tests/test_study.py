@@ -155,7 +155,9 @@ def test_study_runtime_takes_only_settings_that_change_speed(tmp_path, capsys):
 
 def test_runtime_settings_reach_training_but_not_the_recipe_or_the_run_folder(tmp_path, monkeypatch):
     import didicm.training
-    from didicm.study import _arm_recipe, _train_arm, load_study
+    from didicm.study import load_study
+    from didicm.study.cells import _train_arm
+    from didicm.study.spec import _arm_recipe
 
     seen = []
 
@@ -178,13 +180,13 @@ def test_runtime_settings_reach_training_but_not_the_recipe_or_the_run_folder(tm
 
 
 def _gap(top1, nll, n=2):
-    from didicm.study import _verdict
+    from didicm.study.summary import _verdict
     return {m: {"mean": mean, "std": std, "n": n, "verdict": _verdict(mean if m == "top1" else -mean, std, n)}
             for m, (mean, std) in (("top1", top1), ("nll_ts", nll))}
 
 
 def test_the_recommended_default_is_the_cheapest_row_not_worse_than_the_headline():
-    from didicm.study import _recommendation
+    from didicm.study.summary import _recommendation
     summary = {"seeds": [0, 1], "rows": {"didicm": {}}, "gaps": {
         "didicm_cp1": _gap((50.0, 0.5), (-1.0, 0.01)),     # cheapest, far worse: skipped
         "didicm_s1": _gap((0.4, 0.5), (-0.02, 0.001)),     # ties on top-1, worse on NLL: skipped
@@ -278,7 +280,8 @@ def test_changed_prediction_rows_of_a_trained_arm_come_from_its_saved_model_and_
     assert "exponential update (`didicm_cp2exp`)" in findings
 
     # a saved model that does not match the saved predictions is refused; a missing one means training again
-    from didicm.study import _saved_arm_model, _splits, load_study
+    from didicm.study import load_study
+    from didicm.study.cells import _saved_arm_model, _splits
     loaded = load_study(tmp_path / "study.yaml")
     splits, _ = _splits(loaded, 4, 0.5, 0)
     arrays = dict(np.load(pred_path))

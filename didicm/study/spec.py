@@ -1,0 +1,182 @@
+"""The study's configuration: its constants, the YAML loader and its checks, and what defines an arm of a cell
+(its training config, its recipe hash, its run folder)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import merge_dicts
+from ..errors import ConfigError
+from ..evaluation import parse_sampler
+
+HEADLINE = "didicm"  # the pre-registered DiDiCM row: CP-8 (the config's didicm arm), chosen before any result
+
+
+REPORTED = ("top1", "nll", "ece", "brier", "nll_ts", "ece_ts", "brier_ts", "aurc", "acc_at_90", "at_floor",
+            "nll_at_floor")
+
+
+# a row's metrics carry the version of arm_metrics that computed them; older rows are rescored from their saved
+# predictions when the study runs again (2: at_floor and nll_at_floor)
+METRICS_VERSION = 2
+
+
+# uncertainty scores: max-probability and entropy for every row, and the CP trajectory's for DiDiCM
+SIGNALS = tuple(f"auroc_{shift}_{score}" for shift in ("digits", "noise")
+                for score in ("maxprob", "entropy", "settle", "path_entropy")) + ("aurc_settle", "aurc_path_entropy")
+
+
+ARM_KEYS = ("where", "predict", "ensemble", "trajectory", "describe")
+
+
+# how fast, not what: merged into every arm's training config but not into its recipe, so finished arms stay cached
+RUNTIME_KEYS = ("channels_last", "device")
+
+
+WHERE = ("all", "hard", "extremes")
+
+
+OOD_SETS = ("digits", "noise")
+
+
+def load_study(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study config {str(path)!r} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    required = ("dataset", "protocol", "resolutions", "data_ratios", "seeds", "native_resolution", "base", "arms",
+                "epochs", "output")
+    missing = [key for key in required if key not in spec]
+    if missing:
+        raise ConfigError(f"study config {str(path)} lacks {missing}")
+    if spec["protocol"] not in ("resize", "resolution"):
+        raise ConfigError(f"study protocol must be 'resize' (the network sees R x R, the paper's) or 'resolution' "
+                          f"(down to R, back up to the native size), got {spec['protocol']!r}")
+    runtime = spec.setdefault("runtime", {})
+    if not isinstance(runtime, dict) or set(runtime) - set(RUNTIME_KEYS):
+        raise ConfigError(f"study runtime takes {{{', '.join(RUNTIME_KEYS)}}} (settings that change speed, not the "
+                          f"recipe), got {runtime!r}")
+    arms = spec["arms"]
+    if "twin" not in arms or HEADLINE not in arms:
+        raise ConfigError(f"a study needs the arms 'twin' and {HEADLINE!r}; it has {sorted(arms)}")
+    names = set()
+    for name, arm in arms.items():
+        if arm.get("where", "all") not in WHERE:
+            raise ConfigError(f"arm {name!r}: where must be one of {WHERE}, got {arm.get('where')!r}")
+        if "ensemble" in arm:
+            of = arm["ensemble"].get("of")
+            if of not in arms or "ensemble" in arms[of]:
+                raise ConfigError(f"arm {name!r}: ensemble.of must name a trained arm, got {of!r}")
+            if int(arm["ensemble"].get("members", 0)) < 2:
+                raise ConfigError(f"arm {name!r}: an ensemble needs ensemble.members >= 2")
+            rows = [name]
+        else:
+            if not arm.get("predict"):
+                raise ConfigError(f"arm {name!r} needs predict: {{row name: sampler}}, e.g. {{{name}: classifier}}")
+            for sampler in arm["predict"].values():
+                parse_sampler(sampler)
+            rows = list(arm["predict"])
+            if name not in rows:
+                raise ConfigError(f"arm {name!r}: its predict rows must include one named {name!r} (its headline)")
+        clash = names & set(rows)
+        if clash:
+            raise ConfigError(f"prediction rows {sorted(clash)} are named twice")
+        names |= set(rows)
+    for ratio in spec["data_ratios"]:
+        _epochs(spec, ratio)
+    spec["_path"] = str(path)
+    return spec
+
+
+def _epochs(spec: dict, ratio: float) -> float:
+    """The epoch budget (a cap; patience usually stops first) for a data ratio: a number, or {ratio: epochs}."""
+    budget = spec["epochs"]
+    if isinstance(budget, dict):
+        matches = [v for k, v in budget.items() if math.isclose(float(k), ratio)]
+        if not matches:
+            raise ConfigError(f"study epochs has no budget for data ratio {ratio:g}; give one per ratio")
+        return float(matches[0])
+    return float(budget)
+
+
+def _cell_name(resolution: int, ratio: float, seed: int) -> str:
+    return f"res{resolution}_ratio{ratio:g}_seed{seed}"
+
+
+def _in_cell(spec: dict, arm: dict, resolution: int, ratio: float) -> bool:
+    where = arm.get("where", "all")
+    if where == "all":
+        return True
+    easiest = (max(spec["resolutions"]), max(spec["data_ratios"]))
+    if where == "hard":  # issue 12: resolution <= 14 px or data ratio <= 0.1, i.e. every cell but the easiest
+        return (resolution, ratio) != easiest
+    return (resolution, ratio) in (easiest, (min(spec["resolutions"]), min(spec["data_ratios"])))
+
+
+def _degradation(spec: dict, resolution: int) -> str | None:
+    return f"{spec['protocol']}={resolution}" if resolution < spec["native_resolution"] else None
+
+
+def _arm_config(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int = 0) -> dict:
+    arm = {k: v for k, v in spec["arms"][name].items() if k not in ARM_KEYS}
+    values = merge_dicts(spec["base"], arm)
+    data = values.setdefault("data", {})
+    data.update(dataset=spec["dataset"], data_ratio=ratio, split_seed=seed, degradation=_degradation(spec, resolution))
+    values.setdefault("optim", {})["epochs"] = _epochs(spec, ratio)
+    values["seed"] = seed + 1000 * member  # ensemble members differ in initialisation and order, not in data
+    return values
+
+
+def _arm_recipe(spec: dict, name: str, resolution: int, ratio: float, seed: int, predict: dict | None = None) -> str:
+    """What an arm's results depend on: its training config(s), its prediction rows (``predict`` replaces the
+    config's, e.g. the rows recorded earlier) and the study's evaluation settings."""
+    arm = spec["arms"][name]
+    if "ensemble" in arm:
+        members = int(arm["ensemble"]["members"])
+        configs = [_arm_config(spec, arm["ensemble"]["of"], resolution, ratio, seed, m) for m in range(members)]
+        payload = {"members": configs}
+    else:
+        payload = {"config": _arm_config(spec, name, resolution, ratio, seed),
+                   "predict": arm["predict"] if predict is None else predict,
+                   "trajectory": arm.get("trajectory")}
+    payload.update(ood=spec.get("ood"), cl_limit=spec.get("cl_limit"), protocol=spec["protocol"])
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _commit() -> str:
+    """The checkout's commit (``-dirty`` if tracked files changed); DIDICM_COMMIT names it where there is no git."""
+    if os.environ.get("DIDICM_COMMIT"):
+        return os.environ["DIDICM_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _arm_run_dir(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int = 0) -> Path:
+    """The arm's training folder, named by a hash of its training config (not of its prediction rows)."""
+    values = _arm_config(spec, name, resolution, ratio, seed, member)
+    recipe = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+    suffix = f"_m{member}" if member else ""
+    return Path(spec.get("runs", "runs/study")) / _cell_name(resolution, ratio, seed) / f"{name}{suffix}-{recipe}"
+
+
+def _dc_passes(parsed, num_classes: int = 10) -> float:
+    from ..peers import evaluations_per_image
+
+    return evaluations_per_image(num_classes, parsed.steps, parsed.mode == "adaptive")
+
+
+def _device_label(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"

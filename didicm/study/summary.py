@@ -1,0 +1,181 @@
+"""Across seeds: each row's mean and std per setting, DiDiCM's gaps with their verdicts, the controls, each row's
+prediction cost in twin passes, and the default recommended from the accuracy-compute frontier."""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from ..config import merge_dicts
+from ..data.degradations import parse_degradation
+from ..evaluation import parse_sampler
+from ..report import markdown_table
+from .spec import HEADLINE, REPORTED, SIGNALS, _dc_passes, _degradation
+
+
+def _cell_cost(record: dict) -> dict:
+    """What the cell took: the devices, training and wall seconds summed over its arms (an arm's wall time is its
+    last session's, training time counts every session of a resumed arm), and evaluation images/s per row."""
+    arms = record["arms"].values()
+    return {"devices": sorted({a["device"] for a in arms if "device" in a}),
+            "train_seconds": round(sum(a.get("train_seconds", 0.0) for a in arms), 2),
+            "wall_seconds": round(sum(a.get("wall_seconds", 0.0) for a in arms), 2),
+            "eval_images_per_second": {row: info["images_per_second"] for row, info in record["rows"].items()
+                                       if "images_per_second" in info}}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _verdict(mean: float, std: float, n: int) -> str:
+    """The study's rule: a gap counts only beyond two seed standard deviations, with at least 2 seeds."""
+    if n < 2:
+        return "one seed"
+    if abs(mean) <= 2 * std:
+        return "tie"
+    return "win" if mean > 0 else "loss"
+
+
+def _summaries(spec: dict, cells: list[dict]) -> list[dict]:
+    """Per (resolution, ratio): every row's mean and std over seeds, and DiDiCM's gaps to every other row."""
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["resolution"], cell["data_ratio"]), []).append(cell)
+    summaries = []
+    for (resolution, ratio), group in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1])):
+        rows = sorted({r for c in group for r in c["rows"]})
+        summary = {"resolution": resolution, "data_ratio": ratio, "seeds": sorted(c["seed"] for c in group),
+                   "rows": {}, "gaps": {},
+                   "_rows": [{r: {"arm": i["arm"], "sampler": i["sampler"]} for r, i in c["rows"].items()}
+                             for c in group]}
+        for row in rows:
+            present = [c for c in group if row in c["rows"]]
+            summary["rows"][row] = {"seeds": len(present), **{
+                m: dict(zip(("mean", "std"), _mean_std([c["rows"][row][m] for c in present]), strict=True))
+                for m in (*REPORTED, *SIGNALS, "T") if all(m in c["rows"][row] for c in present)}}
+        for row in rows:
+            if row == HEADLINE:
+                continue
+            paired = [c for c in group if row in c["rows"] and HEADLINE in c["rows"]]
+            if not paired:
+                continue
+            gap = {}
+            for metric in ("top1", "nll_ts", "ece_ts", "brier_ts", "aurc"):
+                mean, std = _mean_std([c["rows"][HEADLINE][metric] - c["rows"][row][metric] for c in paired])
+                better = mean if metric == "top1" else -mean  # positive: DiDiCM better
+                gap[metric] = {"mean": mean, "std": std, "n": len(paired),
+                               "verdict": _verdict(better, std, len(paired))}
+            summary["gaps"][row] = gap
+        summaries.append(summary)
+    return summaries
+
+
+def _controls(spec: dict) -> list[str]:
+    """The rows that are not DiDiCM (the classifiers a user would pick instead)."""
+    rows = []
+    for name, arm in spec["arms"].items():
+        if name.startswith("didicm"):
+            continue
+        rows += [name] if "ensemble" in arm else list(arm["predict"])
+    return rows
+
+
+def _flops(fn, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def row_costs(spec: dict, resolution: int, rows: dict) -> dict[str, float]:
+    """Each row's prediction cost per image in passes of the twin, by counted FLOPs at the cell's input size:
+    the label-independent part (``encode``) once, the conditioned part (``score``) once per CP step (once per step
+    and chain for CL); an ensemble of M costs M, S-view TTA costs S, the mean read-out one pass."""
+    from ..models import create
+
+    in_chans = 1 if spec["dataset"] in ("fashion-mnist", "digits") else 3
+    size = parse_degradation(_degradation(spec, resolution)).output_size(spec["native_resolution"]) \
+        if spec["protocol"] == "resize" else spec["native_resolution"]
+    x = torch.zeros(1, in_chans, size, size)
+
+    def build(arm: str):
+        model = spec["arms"][arm].get("model", {})
+        kwargs = merge_dicts(spec["base"].get("model", {}).get("kwargs", {}), model.get("kwargs", {}))
+        return create(model["name"], num_classes=10, in_chans=in_chans, **kwargs).eval()
+
+    twin = _flops(build("twin"), x)
+    costs = {}
+    for row, info in rows.items():
+        arm, sampler = info["arm"], info["sampler"]
+        if "ensemble" in spec["arms"][arm]:
+            costs[row] = float(spec["arms"][arm]["ensemble"]["members"])
+            continue
+        parsed = parse_sampler(sampler)
+        model = build(arm)
+        if parsed.kind in ("cp", "cl"):
+            z = model.encode(x)
+            calls = parsed.steps * (parsed.chains if parsed.kind == "cl" else 1)
+            score = _flops(model.score, z, torch.zeros(1, dtype=torch.long), torch.ones(1))
+            costs[row] = (_flops(model.encode, x) + calls * score) / twin
+        elif parsed.kind == "mean":
+            costs[row] = _flops(model.clean_logits, x) / twin
+        elif parsed.kind == "tta":
+            costs[row] = parsed.steps * _flops(model, x) / twin
+        elif parsed.kind == "dc":  # K x draws UNet passes (fewer for the adaptive variant)
+            step = torch.zeros(1, dtype=torch.long)
+            costs[row] = _dc_passes(parsed) * _flops(model, x, step, step) / twin
+        else:
+            costs[row] = _flops(model, x) / twin
+    return costs
+
+
+def _recommendation(summary: dict, costs: dict, title: str) -> list[str]:
+    """Issue 15's default: the cheapest DiDiCM row that matches the headline (CP-8 of the full network) within seed
+    noise, i.e. neither its top-1 nor its temperature-scaled NLL gap to the headline counts by the study's rule;
+    stored in the summary (study.json) and written from it, with what every cheaper row saves and costs."""
+    if HEADLINE not in costs or HEADLINE not in summary["rows"]:
+        return []
+    head_cost = costs[HEADLINE]
+    options = sorted((row for row in summary["gaps"] if row.startswith(HEADLINE) and row in costs
+                      and costs[row] < head_cost), key=lambda row: costs[row])
+    table, match = [], None
+    for row in options:
+        gap = summary["gaps"][row]
+        matches = gap["top1"]["n"] >= 2 and all(gap[m]["verdict"] != "win" for m in ("top1", "nll_ts"))
+        if matches and match is None:
+            match = row
+        table.append({"row": row, "cost": round(costs[row], 2), "saves": f"{head_cost / costs[row]:.1f}x",
+                      "CP-8 minus row, top-1": f"{gap['top1']['mean']:+.2f} ± {gap['top1']['std']:.2f} "
+                                               f"({gap['top1']['verdict']})",
+                      "nll_ts": f"{gap['nll_ts']['mean']:+.3f} ± {gap['nll_ts']['std']:.3f} "
+                                f"({gap['nll_ts']['verdict']})",
+                      "matches": matches})
+    seeds = len(summary["seeds"])
+    summary["recommendation"] = {"row": match, "cost": round(costs[match], 2) if match else None,
+                                 "headline_cost": round(head_cost, 2), "seeds": seeds}
+    if not table:
+        return []
+    if match:
+        gap = summary["gaps"][match]
+        arms = {r: i["arm"] for cell_rows in summary.get("_rows", []) for r, i in cell_rows.items()}
+        text = (f"Recommended in this setting: `{match}` (arm `{arms.get(match, match)}`), the cheapest DiDiCM row "
+                f"that is not worse than the headline beyond seed noise ({round(costs[match], 2)} twin passes against "
+                f"{round(head_cost, 2)}; headline minus it: top-1 {gap['top1']['mean']:+.2f} ± "
+                f"{gap['top1']['std']:.2f} ({gap['top1']['verdict']}), NLL after scaling "
+                f"{gap['nll_ts']['mean']:+.3f} ± {gap['nll_ts']['std']:.3f} ({gap['nll_ts']['verdict']}); "
+                f"{seeds} seeds).")
+    else:
+        text = ("No cheaper DiDiCM row matches the headline within seed noise in this setting; what each saves and "
+                "loses:")
+    return [text, "", markdown_table(table, title=f"Cheaper DiDiCM rows against the headline, {title} (cost in twin "
+                                                  "passes; a row matches when neither gap counts)"), ""]
+
+
+def _best_control(summary: dict) -> str | None:
+    """The control row with the best mean test top-1 in this setting (chosen on test: an upper bound on what a
+    user choosing on validation would get, so the comparison is against the strongest control)."""
+    controls = [r for r in summary["gaps"] if not r.startswith("didicm")]
+    return max(controls, key=lambda r: summary["rows"][r]["top1"]["mean"]) if controls else None

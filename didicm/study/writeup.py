@@ -1,0 +1,294 @@
+"""The write-up: study.json, the figures and report.md, whose prose is generated from the numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..evaluation import parse_sampler
+from ..metrics import NLL_FLOOR, apply_temperature, reliability_bins
+from ..report import (
+    markdown_table,
+    plot_accuracy_vs_steps,
+    plot_gap,
+    plot_reliability,
+    plot_trajectories_grid,
+    write_json,
+)
+from .cells import _load_predictions
+from .scores import _as_saved
+from .spec import HEADLINE, SIGNALS, _cell_name
+from .summary import _best_control, _cell_cost, _controls, _recommendation, _summaries, row_costs
+
+
+def aggregate(spec: dict, command: str) -> dict:
+    """Read every finished cell, write study.json, the figures and report.md; return the study record."""
+    out = Path(spec["output"])
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    cells = [c for c in cells if c.get("protocol") == spec["protocol"] and c.get("rows")]
+    if not cells:
+        raise ConfigError(f"no finished cells under {out / 'cells'}; run the study first")
+    # cost is derived from each cell's arms, here only
+    light = [{**{k: v for k, v in c.items() if k != "trajectories"}, "cost": _cell_cost(c)} for c in cells]
+    summaries = _summaries(spec, cells)
+    study = {"dataset": spec["dataset"], "protocol": spec["protocol"], "command": command, "config": spec["_path"],
+             "headline": HEADLINE, "controls": _controls(spec),
+             "arms": {k: v.get("describe", "") for k, v in spec["arms"].items()},
+             "commits": sorted({c.get("commit", "unknown") for c in cells}),
+             "devices": sorted({a.get("device", "unknown") for c in cells for a in c["arms"].values()
+                                if "device" in a}),
+             "cells": light, "summary": summaries}
+    frontier, frontier_figures = _frontier(spec, summaries, out)
+    for summary in summaries:
+        summary.pop("_rows")
+    write_json(out / "study.json", study)
+    figures = _figures(spec, cells, summaries, out)
+    (out / "report.md").write_text(_report(spec, study, figures, frontier + [f"![{Path(f).stem}]({Path(f).name})"
+                                                                            for f in frontier_figures]))
+    return study
+
+
+def _figures(spec: dict, cells: list[dict], summaries: list[dict], out: Path) -> list[str]:
+    figures = []
+    native, full = spec["native_resolution"], max(spec["data_ratios"])
+    by_key = {(s["resolution"], s["data_ratio"]): s for s in summaries}
+    for against in ("twin", "best_control"):
+        axes = {}
+        for axis, keys, unit in ((f"resolution (data ratio {full:g})",
+                                  [(r, full) for r in sorted(spec["resolutions"], reverse=True)], " px"),
+                                 (f"data ratio ({native} px)",
+                                  [(native, q) for q in sorted(spec["data_ratios"], reverse=True)], "")):
+            points = []
+            for key in keys:
+                summary = by_key.get(key)
+                other = _best_control(summary) if summary and against == "best_control" else "twin"
+                if summary and other in summary["gaps"]:
+                    gap = summary["gaps"][other]["top1"]
+                    points.append((f"{key[0] if unit else key[1]:g}{unit}", gap["mean"], gap["std"]))
+            if len(points) >= 2:
+                axes[axis] = ([p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
+        if axes:
+            label = "twin" if against == "twin" else "the best control in each cell"
+            figures.append(str(plot_gap(axes, out / f"gap_{against}.png", title=f"{_headline_label(spec)} - {label}",
+                                        ylabel=f"top-1 gap, DiDiCM - {label} (points)")))
+    hardest = min((c["resolution"], c["data_ratio"]) for c in cells)
+    cell = next(c for c in cells if (c["resolution"], c["data_ratio"]) == hardest)
+    head = parse_sampler(cell["rows"][HEADLINE]["sampler"]) if HEADLINE in cell["rows"] else None
+    family = {}  # steps -> row: CP rows that differ from the headline in their step count only
+    for r, info in cell["rows"].items():
+        parsed = parse_sampler(info["sampler"]) if info["arm"] == HEADLINE else None
+        if head and parsed and parsed.kind == "cp" and \
+                (parsed.mode, parsed.grid, parsed.update) == (head.mode, head.grid, head.update):
+            family[parsed.steps] = r
+    if len(family) >= 2:
+        steps = sorted(family)
+        curves = {"DiDiCM CP": (steps, [cell["rows"][family[k]]["top1"] for k in steps])}
+        baselines = {r: cell["rows"][r]["top1"] for r in _controls(spec) if r in cell["rows"]}
+        figures.append(str(plot_accuracy_vs_steps(curves, baselines, out / "steps.png",
+                                                  title=f"{hardest[0]} px, ratio {hardest[1]:g}, seed {cell['seed']}")))
+    arrays = _load_predictions(out / "predictions" / f"{_cell_name(*hardest, cell['seed'])}.npz")
+    if "test_twin" in arrays and f"test_{HEADLINE}" in arrays:
+        bins = {}
+        for row, label in (("twin", "twin"), (HEADLINE, _headline_label(spec))):
+            info = cell["rows"][row]
+            probs = apply_temperature(_as_saved(arrays[f"test_{row}"]), info["T"])
+            labels = torch.as_tensor(arrays["test_labels"]).long()
+            bins[f"{label} (T = {info['T']:.2f})"] = reliability_bins(probs, labels)
+        figures.append(str(plot_reliability(bins, out / "reliability_hardest.png",
+                                            title=f"after temperature scaling: {hardest[0]} px, ratio {hardest[1]:g}")))
+    if "trajectories" in cell:
+        t = cell["trajectories"]
+        figures.append(str(plot_trajectories_grid(torch.tensor(t["images"]), np.asarray(t["trajectory"]),
+                                                  t["classes"], t["labels"], out / "trajectories.png")))
+    return figures
+
+
+def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], list[str]]:
+    """Top-1 and temperature-scaled NLL against cost per image in the hardest and the easiest setting."""
+    from ..report import plot_frontier
+
+    lines, figures = [], []
+    keys = [(min(spec["resolutions"]), min(spec["data_ratios"])), (max(spec["resolutions"]), max(spec["data_ratios"]))]
+    for summary in summaries:
+        key = (summary["resolution"], summary["data_ratio"])
+        if key not in keys:
+            continue
+        rows = {}
+        for cell_rows in summary.get("_rows", []):
+            rows.update(cell_rows)
+        costs = row_costs(spec, key[0], rows)
+        table, points = [], {}
+        for row, stats in sorted(summary["rows"].items(), key=lambda kv: costs.get(kv[0], 0)):
+            if "nll_ts" not in stats or row not in costs:
+                continue
+            table.append({"row": row, "cost (twin passes, FLOPs)": round(costs[row], 2),
+                          "top1": _fmt(stats["top1"]), "nll_ts": _fmt(stats["nll_ts"], 3), "seeds": stats["seeds"]})
+            points[row] = (costs[row], stats["top1"]["mean"], stats["top1"]["std"], stats["nll_ts"]["mean"])
+        title = f"{key[0]} px, data ratio {key[1]:g}"
+        lines += [markdown_table(table, title=f"Accuracy-compute frontier, {title} (test split, mean ± std over "
+                                              "seeds; cost per image in passes of the twin, by counted FLOPs)"), ""]
+        lines += _recommendation(summary, costs, title)
+        name = f"frontier_res{key[0]}_ratio{key[1]:g}.png"
+        figures.append(str(plot_frontier(points, out / name, title=f"frontier: {title}")))
+    return lines, figures
+
+
+def _fmt(stat: dict, digits: int = 2) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) -> str:
+    summaries = study["summary"]
+    cells = study["cells"]
+    lines = [f"# The uncertainty study on {spec['dataset']}: DiDiCM against the classifiers a user would pick", "",
+             f"Produced by `{study['command']}` from `{spec['_path']}` (protocol `{spec['protocol']}`: "
+             + ("the network sees R x R images, as the official `--input-size R`" if spec["protocol"] == "resize"
+                else "images area-downsampled to R x R and resized back") + ").",
+             f"Commits: {', '.join(f'`{c[:12]}`' for c in study['commits'])}. Devices: {', '.join(study['devices'])}.",
+             f"{len(cells)} of {len(spec['resolutions']) * len(spec['data_ratios']) * len(spec['seeds'])} cells "
+             "have results; a cell lists the arms finished so far.", "",
+             "Every arm trains by one rule: at most the epoch budget, validation after every interval, the weights of "
+             f"the best validation {spec['base'].get('eval', {}).get('select', 'metric')} kept, learning rate decayed "
+             "on plateaus and training stopped by patience. Every row's temperature is fitted on the validation split "
+             "(on its log-probabilities) and calibration is compared after it. DiDiCM's headline row, fixed before any "
+             f"result, is `didicm` ({_headline_label(spec)}); its other samplers are secondary rows. Gaps are "
+             "DiDiCM minus the other row, "
+             "mean ± std over seeds of the per-seed differences; a gap within two standard deviations (or with one "
+             "seed) is a tie.", "",
+             "Arms: " + "; ".join(f"`{k}`: {v}" for k, v in study["arms"].items() if v) + ".", ""]
+    lines += ["## Findings (generated from study.json)", ""] + _findings(study, _headline_label(spec)) + [""]
+    for summary in summaries:
+        key = f"{summary['resolution']} px, data ratio {summary['data_ratio']:g}"
+        rows = []
+        for row, stats in summary["rows"].items():
+            entry = {"row": row, "seeds": stats["seeds"]}
+            for metric, digits in (("top1", 2), ("nll_ts", 3), ("ece_ts", 3), ("brier_ts", 3), ("nll", 3),
+                                   ("ece", 3), ("aurc", 4), ("acc_at_90", 2), ("auroc_digits_maxprob", 3),
+                                   ("auroc_noise_maxprob", 3), ("at_floor", 2)):
+                if metric in stats:
+                    entry[metric] = _fmt(stats[metric], digits)
+            rows.append(entry)
+        lines += [markdown_table(rows, title=f"{key} (test split, mean ± std over seeds)"), ""]
+        if summary["gaps"]:
+            gap_rows = [{"DiDiCM minus": row,
+                         **{f"{m} gap": f"{g[m]['mean']:+.3f} ± {g[m]['std']:.3f} ({g[m]['verdict']})"
+                            for m in ("top1", "nll_ts", "ece_ts")}}
+                        for row, g in summary["gaps"].items()]
+            lines += [markdown_table(gap_rows, title=f"{key}: gaps (positive top-1 gap, negative NLL/ECE gap: "
+                                                     "DiDiCM better)"), ""]
+    lines += ["## Uncertainty beyond calibration", "",
+              "Selective prediction (AURC: lower is better; it ranks images by max-probability unless named) and "
+              "out-of-distribution detection (AUROC against scikit-learn's digits and against test images under heavy "
+              "noise; 0.5 is chance). `settle` (how late the CP trajectory's top class settles) and `path_entropy` "
+              "(the entropy averaged along the trajectory) are DiDiCM's own signals.", ""] + _signal_tables(summaries)
+    lines += ["## The accuracy-compute frontier", ""] + frontier + [""] + _training_table(cells)
+    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _headline_label(spec: dict) -> str:
+    """'DiDiCM CP-8' for the headline row's sampler 'cp:8'."""
+    sampler = spec["arms"][HEADLINE]["predict"][HEADLINE]
+    return "DiDiCM " + sampler.split(":")[0].upper() + "-" + ":".join(sampler.split(":")[1:])
+
+
+def _signal_tables(summaries: list[dict]) -> list[str]:
+    out = []
+    for summary in summaries:
+        rows = []
+        for row, stats in summary["rows"].items():
+            entry = {"row": row, "aurc": _fmt(stats["aurc"], 4)}
+            for metric in SIGNALS:
+                if metric in stats:
+                    entry[metric.replace("auroc_", "")] = _fmt(stats[metric], 3)
+            rows.append(entry)
+        out += [markdown_table(rows, title=f"{summary['resolution']} px, data ratio {summary['data_ratio']:g}"), ""]
+    return out
+
+
+def _same_but_update(sampler: str, headline: str) -> bool:
+    """Whether ``sampler`` is the CP sampler ``headline`` with the exponential update instead of Euler's."""
+    a, b = parse_sampler(sampler), parse_sampler(headline)
+    return a.kind == b.kind == "cp" and a.update == "exponential" and b.update == "euler" and \
+        (a.steps, a.mode, a.grid) == (b.steps, b.mode, b.grid)
+
+
+def _findings(study: dict, headline: str) -> list[str]:
+    """Sentences whose every number is read from the summaries (so the prose cannot drift from the data)."""
+    out = []
+    exponential_rows = {}  # per setting: the headline's sampler with the exponential update, whatever its row name
+    for cell in study["cells"]:
+        head = cell["rows"].get(HEADLINE)
+        for row, info in cell["rows"].items():
+            if head and info.get("arm") == HEADLINE and _same_but_update(info["sampler"], head["sampler"]):
+                exponential_rows[(cell["resolution"], cell["data_ratio"])] = row
+    for summary in study["summary"]:
+        key = f"{summary['resolution']} px, ratio {summary['data_ratio']:g}"
+        gaps = summary["gaps"]
+        if "twin" not in gaps:
+            continue
+        twin = gaps["twin"]
+        best = _best_control(summary)
+        seeds = len(summary["seeds"])
+        text = (f"- **{key}** ({seeds} seed{'s' if seeds > 1 else ''}): {headline} minus twin, top-1 "
+                f"{twin['top1']['mean']:+.2f} ± {twin['top1']['std']:.2f} points ({twin['top1']['verdict']}), "
+                f"NLL after temperature scaling {twin['nll_ts']['mean']:+.3f} ± {twin['nll_ts']['std']:.3f} "
+                f"({twin['nll_ts']['verdict']})")
+        if best and best != "twin":
+            b = gaps[best]
+            text += (f"; against the best control (`{best}`), top-1 {b['top1']['mean']:+.2f} ± {b['top1']['std']:.2f}"
+                     f" ({b['top1']['verdict']}), NLL after scaling {b['nll_ts']['mean']:+.3f} ± "
+                     f"{b['nll_ts']['std']:.3f} ({b['nll_ts']['verdict']})")
+        head = summary["rows"].get(HEADLINE, {})
+        if "at_floor" in head and head["at_floor"]["mean"] > 0:
+            text += (f". {headline} gives the true class probability 0 (the NLL floor, {-math.log(NLL_FLOOR):.2f} "
+                     "nats an image) on "
+                     f"{head['at_floor']['mean']:.2f} ± {head['at_floor']['std']:.2f}% of test images, "
+                     f"{head['nll_at_floor']['mean']:.3f} ± {head['nll_at_floor']['std']:.3f} nats of its NLL before "
+                     "scaling")
+        exponential = exponential_rows.get((summary["resolution"], summary["data_ratio"]))
+        if exponential in gaps:
+            e = gaps[exponential]
+            text += (f"; minus the same network with the exponential update (`{exponential}`): top-1 "
+                     f"{e['top1']['mean']:+.2f} ± {e['top1']['std']:.2f} ({e['top1']['verdict']}), NLL after "
+                     f"scaling {e['nll_ts']['mean']:+.3f} ± {e['nll_ts']['std']:.3f} ({e['nll_ts']['verdict']})")
+        out.append(text + ".")
+    if not out:
+        out.append("- No cell has both DiDiCM and its twin yet.")
+    return out
+
+
+def _train_speed(info: dict):
+    """Training images/s of an arm (an ensemble's members together); '' for arms recorded before it was kept."""
+    members = info.get("members", [info])
+    if not all("train_images_per_second" in m for m in members):
+        return ""
+    images = sum(m["train_images_per_second"] * m["train_seconds"] for m in members)
+    return round(images / max(sum(m["train_seconds"] for m in members), 1e-9), 1)
+
+
+def _validation_seconds(info: dict):
+    """Seconds of an arm's training spent validating (an ensemble's members summed); '' where not counted."""
+    seconds = [m.get("validation_seconds") for m in info.get("members", [info])]
+    return "" if any(v is None for v in seconds) else round(sum(seconds), 2)
+
+
+def _training_table(cells: list[dict]) -> list[str]:
+    rows = []
+    for cell in sorted(cells, key=lambda c: (-c["resolution"], -c["data_ratio"], c["seed"])):
+        for arm, info in cell["arms"].items():
+            epochs, best = info.get("epochs_run"), info.get("best_epoch")
+            rows.append({"cell": _cell_name(cell["resolution"], cell["data_ratio"], cell["seed"]), "arm": arm,
+                         "epochs run": epochs if not isinstance(epochs, list) else "/".join(f"{e:g}" for e in epochs),
+                         "best epoch": best if not isinstance(best, list) else "/".join(f"{b:g}" for b in best),
+                         "converged": info.get("converged"), "train s": info.get("train_seconds"),
+                         "of which validation s": _validation_seconds(info),
+                         "train img/s": _train_speed(info), "wall s": info.get("wall_seconds"),
+                         "device": info.get("device", "")})
+    return [markdown_table(rows, title="Training: epochs run, best validation epoch (the kept weights), and "
+                                       "whether training went past it"), ""]
