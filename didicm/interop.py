@@ -372,7 +372,8 @@ def export_official(src: str | Path, out: str | Path, ema: bool = False) -> Path
         raise CheckpointError(f"the official code has no {name!r}: only DiDiRN and plain timm classifiers can be "
                               "exported")
     _exportable(model, meta)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # NCHW whatever layout the model was loaded in (a channels_last run loads NHWC)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     is_didirn = name in model_zoo.DIDIRN_NAMES
     if is_didirn:
         state = didicm_to_official(state)

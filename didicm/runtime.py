@@ -134,6 +134,8 @@ def load_trained_model(path, device: torch.device | str = "cpu", num_classes: in
         section = ckpt.section("ema")
     load_state(model, section, ckpt.path)
     model.to(device).eval()
+    if meta.get("config", {}).get("channels_last"):  # evaluated in the layout it trained in (timm's --channels-last)
+        model.to(memory_format=torch.channels_last)
     diffusion = diffusion_from_config(meta["config"]["diffusion"], meta["num_classes"]) \
         if model_zoo.is_diffusion_model(model) else None
     return model, diffusion, meta

@@ -4,6 +4,7 @@ import pytest
 import timm
 import torch
 
+import didicm
 import didicm.training as training
 from didicm.checkpoint import load_checkpoint
 from didicm.config import config_from_dict
@@ -47,6 +48,23 @@ def test_channels_last_trains_nhwc_weights_and_writes_files_any_model_loads(tmp_
     with torch.no_grad():
         torch.testing.assert_close(plain(images, labels, sigma), result.model(images, labels, sigma),
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_eval_and_predict_load_a_channels_last_run_in_nhwc_with_the_same_predictions(tmp_path):
+    from didicm.runtime import load_trained_model
+
+    training.train(_config(tmp_path, "nhwc", channels_last=True), progress=False, log=_quiet)
+    training.train(_config(tmp_path, "nchw"), progress=False, log=_quiet)
+    nhwc, diffusion, _ = load_trained_model(tmp_path / "nhwc" / "model.safetensors")
+    nchw, _, _ = load_trained_model(tmp_path / "nchw" / "model.safetensors")
+    assert all(_nhwc_only(p) for p in nhwc.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1)
+    assert all(p.is_contiguous() for p in nchw.parameters())
+    # the same weights in NCHW give the same CP output
+    plain = timm.create_model("didirn18", num_classes=10, in_chans=1, width=8, stem="small").eval()
+    plain.load_state_dict(nhwc.state_dict())
+    images = torch.randn(6, 1, 8, 8)
+    sampler = didicm.CPSampler(diffusion, steps=2)
+    torch.testing.assert_close(sampler.run(nhwc, images), sampler.run(plain, images), rtol=1e-5, atol=1e-6)
 
 
 def _fused(tmp_path, name, **top):

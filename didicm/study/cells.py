@@ -190,8 +190,6 @@ def _saved_arm_model(spec: dict, arm_name: str, cached: dict, splits: dict, arra
     model, diffusion, meta = load_trained_model(path, device)
     if meta.get("step") != cached.get("steps_run"):
         return None, f"{path} stopped at step {meta.get('step')}, the arm's record at {cached.get('steps_run')}"
-    if cached.get("channels_last"):  # predicted as it was trained
-        model = model.to(memory_format=torch.channels_last)
     deterministic = [r for r, i in record["rows"].items() if i.get("arm") == arm_name and
                      parse_sampler(i["sampler"]).kind in ("cp", "classifier", "mean") and
                      parse_sampler(i["sampler"]).mode != "random"]
