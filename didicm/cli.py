@@ -334,7 +334,7 @@ def _load_model(args, device):
     """(model, diffusion, meta) of a didicm run or an official checkpoint, with the official-file flags applied."""
     from .interop import load_model, set_class_names, set_normalization
 
-    model, diffusion, meta = load_model(args.checkpoint, device, ema=args.ema)
+    model, diffusion, meta = load_model(args.checkpoint, device, ema=args.ema, channels_last=None)  # as trained
     if meta["format"] != "official" and (args.mean or args.std):
         raise DidicmError("--mean/--std are for official checkpoints; a didicm run records its own normalization")
     return model, diffusion, set_class_names(set_normalization(meta, args.mean, args.std), args.class_names)

@@ -87,7 +87,8 @@ def _strip_wrappers(state: dict) -> dict:
     return out
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu", ema: bool = False):
+def load_model(path: str | Path, device: torch.device | str = "cpu", ema: bool = False,
+               channels_last: bool | None = False):
     """Load a trained model, in eval mode, from a didicm run or an official checkpoint.
 
     Args:
@@ -97,6 +98,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", ema: bool =
         device: where to put the model.
         ema: take the EMA weights (the official ``state_dict_ema``; for a didicm run, the EMA weights it
             evaluates). A file without them is refused rather than silently giving the raw weights.
+        channels_last: the weights' layout: NCHW (False, the default: ordinary tensors to save or inspect), NHWC
+            (True), or for a didicm run the layout it trained in (None: how ``didicm eval``/``predict`` run it).
     Returns:
         (model, diffusion or None for a plain classifier, meta). ``meta`` has the fields of a didicm checkpoint
         description (model_name, num_classes, in_chans, image_size, mean, std, classes, config: data/eval/
@@ -110,10 +113,13 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", ema: bool =
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist; pass a run folder, a .safetensors "
                               "checkpoint or an official .pth.tar")
     if path.is_file() and is_torch_file(path):
-        return _load_official(path, device, ema)
+        model, diffusion, meta = _load_official(path, device, ema)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model, diffusion, meta
     from .training import load_trained_model
 
-    model, diffusion, meta = load_trained_model(path, device)
+    model, diffusion, meta = load_trained_model(path, device, channels_last=channels_last)
     if ema and meta.get("config", {}).get("optim", {}).get("ema_decay") is None:
         raise CheckpointError(f"{str(path)!r} was trained without EMA (optim.ema_decay unset): it has no EMA weights; "
                               "drop --ema / ema=True")

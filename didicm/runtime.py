@@ -118,8 +118,12 @@ def load_state(model: torch.nn.Module, state: dict, path) -> None:
     model.load_state_dict(state)
 
 
-def load_trained_model(path, device: torch.device | str = "cpu", num_classes: int | None = None):
-    """(model in eval mode, diffusion or None, checkpoint meta) from a final model or a training checkpoint."""
+def load_trained_model(path, device: torch.device | str = "cpu", num_classes: int | None = None,
+                       channels_last: bool | None = None):
+    """(model in eval mode, diffusion or None, checkpoint meta) from a final model or a training checkpoint.
+
+    ``channels_last``: NHWC weights (True), NCHW (False), or the layout the run trained in (None, the default:
+    how ``eval``, ``predict`` and the study run it)."""
     ckpt = load_checkpoint(path)
     meta = ckpt.meta
     if meta.get("format") == "foreign":
@@ -134,7 +138,7 @@ def load_trained_model(path, device: torch.device | str = "cpu", num_classes: in
         section = ckpt.section("ema")
     load_state(model, section, ckpt.path)
     model.to(device).eval()
-    if meta.get("config", {}).get("channels_last"):  # evaluated in the layout it trained in (timm's --channels-last)
+    if meta.get("config", {}).get("channels_last") if channels_last is None else channels_last:
         model.to(memory_format=torch.channels_last)
     diffusion = diffusion_from_config(meta["config"]["diffusion"], meta["num_classes"]) \
         if model_zoo.is_diffusion_model(model) else None

@@ -59,6 +59,12 @@ def test_eval_and_predict_load_a_channels_last_run_in_nhwc_with_the_same_predict
     nchw, _, _ = load_trained_model(tmp_path / "nchw" / "model.safetensors")
     assert all(_nhwc_only(p) for p in nhwc.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1)
     assert all(p.is_contiguous() for p in nchw.parameters())
+    # the library's load_model gives ordinary NCHW tensors unless asked for the trained layout, as eval does
+    from didicm.interop import load_model
+    library, _, _ = load_model(tmp_path / "nhwc")
+    as_trained, _, _ = load_model(tmp_path / "nhwc", channels_last=None)
+    assert all(p.is_contiguous() for p in library.parameters())
+    assert all(_nhwc_only(p) for p in as_trained.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1)
     # the same weights in NCHW give the same CP output
     plain = timm.create_model("didirn18", num_classes=10, in_chans=1, width=8, stem="small").eval()
     plain.load_state_dict(nhwc.state_dict())

@@ -1,5 +1,5 @@
 """The uncertainty study: DiDiCM against the classifiers a user would pick instead, over a grid of input
-resolutions and training-data ratios (protocol: ../docs/study.md, issue 12).
+resolutions and training-data ratios (protocol: issue 12 and the README's study section).
 
 ``didicm study CONFIG`` trains every arm of every (resolution, data ratio, seed) cell by one rule (an epoch
 budget, validation after every interval, the best validation's weights kept, early stopping by patience),
