@@ -236,11 +236,13 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                 arrays[f"{split}_labels"] = labels
 
     def save(arm_name: str, rows: list[str], seconds: float) -> None:
-        # metrics are computed from the arrays as saved, never from the in-memory float32 probabilities
+        # metrics are computed from the arrays as saved, never from the in-memory float32 probabilities: the rows
+        # just predicted, then any other row of the arm an older arm_metrics scored
         signal_row = spec["arms"][arm_name].get("trajectory")
         for row, info in record["rows"].items():
             if info["arm"] == arm_name and row in rows:
                 info.update(_row_metrics(arrays, row, signal_row))
+        _rescore(record, arrays, arm_name, signal_row)
         _save_predictions(pred_path, arrays)
         record["commit"] = _commit()
         write_json(cell_path, record)
@@ -279,7 +281,6 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                         del arrays[key]
                 _predict_arm_rows(spec, arm_name, predict, model, diffusion, splits, test_set, seed, batch, arrays,
                                   record, name, log)
-                _rescore(record, arrays, arm_name, arm.get("trajectory"))
                 cached["recipe"] = recipe
                 cached.setdefault("rows_added", []).append({"rows": predict, "dropped": dropped, "commit": _commit(),
                                                             "device": device})
