@@ -129,6 +129,18 @@ def test_study_trains_every_arm_by_one_rule_and_every_number_follows_from_the_sa
                     values |= {f"{row[metric][k]:.{digits}f}" for k in ("mean", "std") if metric in row}
     quoted = re.findall(r"[+-]?\d+\.\d+", findings)
     assert quoted and all(q in values for q in quoted)
+    secondary = report.split("## DiDiCM's other rows against the controls (generated from study.json)")[1] \
+        .split("\n## ")[0]
+    values = set()
+    for summary in study["summary"]:
+        values.add(f"{summary['data_ratio']:g}")
+        for versus in summary["secondary"].values():
+            for gap in versus.values():
+                for stat in gap.values():
+                    for digits in (2, 3):
+                        values |= {f"{stat['mean']:+.{digits}f}", f"{stat['std']:.{digits}f}"}
+    quoted = re.findall(r"[+-]?\d+\.\d+", secondary)
+    assert "`didicm_cp1` minus twin" in secondary and quoted and all(q in values for q in quoted)
 
     # a second run reads every arm back, also with runtime settings (speed, not recipe); a changed arm recipe
     # recomputes that arm only
@@ -208,6 +220,47 @@ def test_the_recommended_default_is_the_cheapest_row_not_worse_than_the_headline
     single = {"seeds": [0], "rows": {"didicm": {}}, "gaps": {"didicm_cp2": _gap((0.3, 0.0), (0.0, 0.0), n=1)}}
     lines = _recommendation(single, costs, "setting")
     assert single["recommendation"]["row"] is None and lines[0].startswith("No cheaper DiDiCM row")
+
+
+def test_secondary_didicm_rows_are_compared_with_the_twin_and_the_best_control_seed_by_seed():
+    from didicm.study.summary import _summaries
+    from didicm.study.writeup import _secondary
+
+    def cell(seed, values):
+        rows = {row: {"arm": row.split("_")[0], "sampler": "x", "top1": top1, "nll_ts": nll, "ece_ts": 0.01,
+                      "brier_ts": 0.1, "aurc": 0.02} for row, (top1, nll) in values.items()}
+        return {"resolution": 7, "data_ratio": 0.02, "seed": seed, "rows": rows}
+
+    cells = [cell(0, {"didicm": (80.0, 0.6), "didicm_hybrid": (83.0, 0.50), "twin": (81.0, 0.55),
+                      "ensemble4": (85.0, 0.45)}),
+             cell(1, {"didicm": (79.0, 0.6), "didicm_hybrid": (82.5, 0.52), "twin": (80.0, 0.58),
+                      "ensemble4": (84.0, 0.44)}),
+             cell(2, {"didicm": (79.5, 0.6), "twin": (80.5, 0.56)})]  # a seed without the hybrid: not paired
+    summary = _summaries({}, cells)[0]
+    versus = summary["secondary"]["didicm_hybrid"]
+    assert set(versus) == {"twin", "ensemble4"}  # the best control by mean top-1
+    twin = versus["twin"]["top1"]
+    assert twin["n"] == 2 and twin["mean"] == pytest.approx(2.25) and twin["std"] == pytest.approx(0.25 * 2 ** 0.5)
+    assert twin["verdict"] == "win" and versus["twin"]["nll_ts"]["mean"] == pytest.approx(-0.055)
+    assert versus["ensemble4"]["top1"]["mean"] == pytest.approx(-1.75) and \
+        versus["ensemble4"]["top1"]["verdict"] == "loss"
+    assert "didicm" not in summary["secondary"]  # the headline's gaps are the main table's
+    text = "\n".join(_secondary({"summary": [summary]}, "DiDiCM CP-8"))
+    assert "- `didicm_hybrid` minus twin, over 1 setting: top-1 wins in 1, ties in 0, loses in 0" in text
+    assert "+2.25 ± 0.35 (win)" in text and "-1.75 ± 0.35 (loss)" in text
+    assert "best control `ensemble4`" in text
+
+
+def test_where_places_an_arm_in_the_settings_it_names():
+    from didicm.study.spec import _in_cell
+    spec = {"resolutions": [28, 14, 7], "data_ratios": [1.0, 0.1, 0.02]}
+    settings = [(r, q) for r in spec["resolutions"] for q in spec["data_ratios"]]
+    placed = {where: [s for s in settings if _in_cell(spec, {"where": where}, *s)]
+              for where in ("all", "hard", "extremes", "hardest")}
+    assert placed["all"] == settings
+    assert placed["hard"] == settings[1:]  # all but 28 px / all data
+    assert placed["extremes"] == [(28, 1.0), (7, 0.02)]
+    assert placed["hardest"] == [(7, 0.02)]
 
 
 def test_trajectory_scores_read_when_the_top_class_settles_and_the_mean_entropy():

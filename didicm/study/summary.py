@@ -56,20 +56,32 @@ def _summaries(spec: dict, cells: list[dict]) -> list[dict]:
                 m: dict(zip(("mean", "std"), _mean_std([c["rows"][row][m] for c in present]), strict=True))
                 for m in (*REPORTED, *SIGNALS, "T") if all(m in c["rows"][row] for c in present)}}
         for row in rows:
-            if row == HEADLINE:
-                continue
-            paired = [c for c in group if row in c["rows"] and HEADLINE in c["rows"]]
-            if not paired:
-                continue
-            gap = {}
-            for metric in ("top1", "nll_ts", "ece_ts", "brier_ts", "aurc"):
-                mean, std = _mean_std([c["rows"][HEADLINE][metric] - c["rows"][row][metric] for c in paired])
-                better = mean if metric == "top1" else -mean  # positive: DiDiCM better
-                gap[metric] = {"mean": mean, "std": std, "n": len(paired),
-                               "verdict": _verdict(better, std, len(paired))}
-            summary["gaps"][row] = gap
+            if row != HEADLINE and (gap := _paired_gap(group, HEADLINE, row)):
+                summary["gaps"][row] = gap
+        # DiDiCM's secondary rows (other samplers, the best recipe, the frontier's options) against the twin and the
+        # best control: whether a row the headline does not cover wins where the headline does not
+        best = _best_control(summary)
+        for row in rows:
+            if row.startswith(HEADLINE) and row != HEADLINE:
+                versus = {c: gap for c in dict.fromkeys(("twin", best)) if c and (gap := _paired_gap(group, row, c))}
+                if versus:
+                    summary.setdefault("secondary", {})[row] = versus
         summaries.append(summary)
     return summaries
+
+
+def _paired_gap(group: list[dict], row: str, other: str) -> dict | None:
+    """``row`` minus ``other`` over the seeds that have both: mean and std of the per-seed differences and the
+    verdict, per metric (positive top-1, negative NLL/ECE/Brier/AURC: ``row`` better); None with no such seed."""
+    paired = [c for c in group if row in c["rows"] and other in c["rows"]]
+    if not paired:
+        return None
+    gap = {}
+    for metric in ("top1", "nll_ts", "ece_ts", "brier_ts", "aurc"):
+        mean, std = _mean_std([c["rows"][row][metric] - c["rows"][other][metric] for c in paired])
+        better = mean if metric == "top1" else -mean
+        gap[metric] = {"mean": mean, "std": std, "n": len(paired), "verdict": _verdict(better, std, len(paired))}
+    return gap
 
 
 def _controls(spec: dict) -> list[str]:
