@@ -278,8 +278,8 @@ def _secondary(study: dict, headline: str) -> list[str]:
         return []
     lines = ["## DiDiCM's other rows against the controls (generated from study.json)", "",
              f"The headline ({headline}) was fixed before any result; the rows below were not, and choosing the best "
-             "of them after seeing the test split would flatter DiDiCM. Each gap is the row minus the control, mean ± std "
-             "over seeds of the per-seed differences (positive top-1, negative NLL: the DiDiCM row better).", ""]
+             "of them after seeing the test split would flatter DiDiCM. Each gap is the row minus the control, mean ± "
+             "std over seeds of the per-seed differences (positive top-1, negative NLL: the DiDiCM row better).", ""]
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for summary in summaries:
         for row, versus in summary["secondary"].items():
