@@ -263,6 +263,31 @@ def test_where_places_an_arm_in_the_settings_it_names():
     assert placed["hardest"] == [(7, 0.02)]
 
 
+def test_the_steps_figure_draws_only_the_headline_samplers_family(tmp_path, monkeypatch):
+    import didicm.study.writeup as writeup
+    drawn = {}
+
+    def fake_plot(curves, baselines, path, title=None):
+        drawn.update(curves=curves, baselines=baselines)
+        return path
+
+    monkeypatch.setattr(writeup, "plot_accuracy_vs_steps", fake_plot)
+    rows = {"twin": {"arm": "twin", "sampler": "classifier", "top1": 80.0},
+            "didicm": {"arm": "didicm", "sampler": "cp:8", "top1": 81.0},
+            "didicm_cp2": {"arm": "didicm", "sampler": "cp:2", "top1": 79.0},
+            "didicm_cp16": {"arm": "didicm", "sampler": "cp:16", "top1": 81.5},
+            "didicm_cp8exp": {"arm": "didicm", "sampler": "cp:8:exponential", "top1": 70.0},  # another update
+            "didicm_cp4max": {"arm": "didicm", "sampler": "cp:4:max", "top1": 60.0},          # another label mode
+            "didicm_cl8x10": {"arm": "didicm", "sampler": "cl:8x10", "top1": 50.0},
+            "didicm_hybrid": {"arm": "didicm_hybrid", "sampler": "cp:4", "top1": 40.0}}      # another network
+    cells = [{"resolution": 7, "data_ratio": 0.02, "seed": 0, "rows": rows}]
+    spec = {"native_resolution": 28, "data_ratios": [0.02], "resolutions": [7],
+            "arms": {"twin": {"predict": {"twin": "classifier"}}, "didicm": {"predict": {"didicm": "cp:8"}}}}
+    writeup._figures(spec, cells, [], tmp_path)
+    assert drawn["curves"] == {"DiDiCM CP": ([2, 8, 16], [79.0, 81.0, 81.5])}
+    assert drawn["baselines"] == {"twin": 80.0}
+
+
 def test_trajectory_scores_read_when_the_top_class_settles_and_the_mean_entropy():
     uniform = torch.full((10,), 0.1)
     a, b = torch.eye(10)[3], torch.eye(10)[5]
