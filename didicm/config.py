@@ -74,6 +74,9 @@ class OptimConfig:
     patience: int = 0  # early stopping: validations without improvement of eval.select before stopping; 0: off
     lr_patience: int = 0  # 'plateau': validations without improvement before lr *= lr_decay
     lr_decay: float = 0.2
+    # an improvement of eval.select by at most this (its units: nats for nll_ts) does not restart the patience counts,
+    # so noise cannot keep a plateaued run going; the best weights are still kept. 0: any improvement counts
+    min_delta: float = 0.0
     min_lr: float = 1e-6
     warmup_lr: float | None = None  # lr at the start of warm-up; None: lr * 1e-2
     sched_on_updates: bool = True  # the lr changes every step; false: once per epoch (timm's default)
@@ -176,6 +179,8 @@ class TrainConfig:
             raise ConfigError("the 'plateau' schedule needs optim.lr_patience >= 1")
         if not 0 < o.lr_decay < 1:
             raise ConfigError(f"optim.lr_decay must lie in (0, 1), got {o.lr_decay!r}")
+        if not (isinstance(o.min_delta, (int, float)) and math.isfinite(o.min_delta) and o.min_delta >= 0):
+            raise ConfigError(f"optim.min_delta must be a finite number >= 0, got {o.min_delta!r}")
         if d.eval_split not in ("val", "test"):
             raise ConfigError(f"data.eval_split must be 'val' or 'test', got {d.eval_split!r}")
         if d.ratio_rule not in ("didicm", "official"):

@@ -8,6 +8,10 @@ the model that training returns. Two rules act on the count of validations since
   'plateau' schedule), and the count restarts;
 - ``patience``: after that many, training stops (early stopping).
 
+With ``min_delta`` > 0 only an improvement by more than that (in the metric's units) over the value at the last
+such improvement restarts the count (Keras' and Lightning's rule), so validation noise cannot keep a run going at
+a vanishing learning rate; a smaller improvement still replaces the kept weights.
+
 So every arm is trained until its own validation metric stops improving, whatever the data size, and a run
 that hits its epoch budget while still improving is marked as not converged.
 """
@@ -48,11 +52,13 @@ class Selection:
     patience: int = 0  # validations without improvement before stopping; 0: never stop early
     lr_patience: int = 0  # validations without improvement before the learning rate decays; 0: never
     lr_decay: float = 0.2
+    min_delta: float = 0.0  # an improvement must exceed this to restart the counts (the weights keep any improvement)
     best_value: float | None = None
     best_step: int | None = None
     best_epoch: float | None = None
-    since_best: int = 0  # validations since the last improvement
-    since_decay: int = 0  # validations since the last improvement or decay
+    since_best: int = 0  # validations since the last improvement by more than min_delta
+    since_decay: int = 0  # validations since that improvement or the last decay
+    reference: float | None = None  # the value at the last improvement by more than min_delta
     lr_scale: float = 1.0
     history: list = field(default_factory=list)
     # seconds spent validating, over every session of a resumed run; None: resumed from a checkpoint written before
@@ -62,6 +68,8 @@ class Selection:
     def __post_init__(self):
         if self.metric not in SELECT_METRICS:
             raise ConfigError(f"eval.select must be one of {sorted(SELECT_METRICS)}, got {self.metric!r}")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ConfigError(f"optim.min_delta must be a finite number >= 0, got {self.min_delta!r}")
 
     def update(self, step: int, epoch: float, scores: dict[str, float]) -> bool:
         """Record one validation; True when it is the best so far (its weights should be kept)."""
@@ -70,8 +78,14 @@ class Selection:
             value = -math.inf if SELECT_METRICS[self.metric] else math.inf
         higher = SELECT_METRICS[self.metric]
         improved = self.best_value is None or (value > self.best_value if higher else value < self.best_value)
+        # a checkpoint written before min_delta existed has no reference: its best value is one (min_delta was 0)
+        reference = self.best_value if self.reference is None else self.reference
+        significant = reference is None or (value > reference + self.min_delta if higher
+                                            else value < reference - self.min_delta)
         if improved:
             self.best_value, self.best_step, self.best_epoch = value, step, epoch
+        if significant:
+            self.reference = value
             self.since_best = self.since_decay = 0
         else:
             self.since_best += 1

@@ -42,6 +42,37 @@ def test_patience_and_plateau_decay_count_validations_since_the_best():
     assert again == rule
 
 
+def test_min_delta_keeps_better_weights_but_only_a_real_improvement_restarts_the_counts():
+    # nll creeping down by 0.002 a validation: noise-sized gains that, without a margin, never let patience end
+    values = [1.0, 0.7, 0.698, 0.696, 0.694, 0.692, 0.690, 0.688]
+    plain = Selection("nll", patience=3, lr_patience=2, lr_decay=0.5)
+    for step, v in enumerate(values):
+        plain.update(step, step, {"nll": v})
+    assert not plain.should_stop and plain.lr_scale == 1.0
+
+    rule = Selection("nll", patience=3, lr_patience=2, lr_decay=0.5, min_delta=0.01)
+    improved = [rule.update(step, step, {"nll": v}) for step, v in enumerate(values[:5])]
+    assert improved == [True] * 5  # every gain still replaces the kept weights ...
+    assert rule.best_step == 4 and rule.best_value == 0.694
+    assert rule.should_stop and rule.lr_scale == 0.5  # ... but none beyond 0.01 of 0.7 restarted the counts
+    # a gain beyond the margin from the reference (0.7) does restart them
+    again = Selection("nll", patience=3, min_delta=0.01)
+    for step, v in enumerate([1.0, 0.7, 0.695, 0.689, 0.688]):
+        again.update(step, step, {"nll": v})
+    assert again.reference == 0.689 and again.since_best == 1
+    # higher-is-better metrics use the margin the other way
+    top1 = Selection("top1", patience=1, min_delta=0.5)
+    top1.update(0, 0, {"top1": 80.0})
+    assert top1.update(1, 1, {"top1": 80.3}) and top1.should_stop
+    # a checkpoint from before min_delta existed resumes with its best value as the reference
+    state = rule.state_dict()
+    state.pop("min_delta"), state.pop("reference")
+    old = Selection.from_state(state)
+    assert old.min_delta == 0.0 and not old.update(9, 9, {"nll": 0.694}) and old.update(10, 10, {"nll": 0.6939})
+    with pytest.raises(ConfigError, match="min_delta"):
+        Selection("nll", min_delta=-0.1)
+
+
 def test_top1_selection_prefers_higher_values():
     rule = Selection("top1")
     assert rule.update(1, 0.1, {"top1": 50.0}) and rule.update(2, 0.2, {"top1": 60.0})
@@ -55,6 +86,18 @@ def test_selection_scores_include_the_temperature_scaled_nll():
     scores = selection_scores(logits.softmax(1), labels)
     assert 3.0 < scores["T"] < 5.5
     assert scores["nll_ts"] < scores["nll"] and scores["ece_ts"] < scores["ece"]
+
+
+def test_min_delta_reaches_the_rule_from_the_config_and_bad_values_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="optim.min_delta"):
+        _config(tmp_path, "bad", min_delta=-1.0)
+    with pytest.raises(ConfigError, match="optim.min_delta"):
+        _config(tmp_path, "nan", min_delta=float("nan"))
+    # a margin no validation can beat: the counts run from the first validation, so training stops after
+    # patience (2) validations, where without it the run goes on while nll_ts improves
+    result = training.train(_config(tmp_path, "margin", min_delta=100.0), progress=False, log=lambda *_: None)
+    history = result.metrics["selection"]["history"]
+    assert len(history) == 3 and result.metrics["selection"]["min_delta"] == 100.0
 
 
 @pytest.mark.parametrize("optim, message", [({"patience": 2}, "eval.select"), ({"sched": "plateau"}, "eval.select")])

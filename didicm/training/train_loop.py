@@ -178,7 +178,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
     total_steps = o.steps if o.epochs is None else math.ceil(o.epochs * steps_per_epoch)
     warmup_steps = o.warmup_steps if o.warmup_epochs is None else round(o.warmup_epochs * steps_per_epoch)
     interval = _validation_interval(cfg, steps_per_epoch)
-    selection = Selection(cfg.eval.select, o.patience, o.lr_patience, o.lr_decay) if cfg.eval.select else None
+    selection = Selection(cfg.eval.select, o.patience, o.lr_patience, o.lr_decay, o.min_delta) \
+        if cfg.eval.select else None
     plateau = o.sched == "plateau"
     schedule = None if plateau else LrSchedule(optimizer, cfg, steps_per_epoch, total_steps, warmup_steps, lr)
     ema = ModelEmaV3(model, decay=o.ema_decay, use_warmup=o.ema_warmup, warmup_power=o.ema_warmup_power) \
@@ -368,7 +369,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
             # budget's end was not the best point); otherwise a longer budget might still help
             metrics["selection"] = {"metric": selection.metric, "best_step": selection.best_step,
                                     "best_epoch": round(selection.best_epoch, 4), "best_value": selection.best_value,
-                                    "stopped_early": selection.should_stop,
+                                    "stopped_early": selection.should_stop, "min_delta": selection.min_delta,
                                     "converged": selection.best_step < step, "lr_scale": selection.lr_scale,
                                     "validation_seconds": None if selection.validation_seconds is None
                                     else round(selection.validation_seconds, 2), "history": selection.history}
