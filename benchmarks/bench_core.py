@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from _harness import machine_info, median_seconds, write_results
 
 import didicm
 from didicm.diffusion import reverse_rate_times
@@ -64,17 +60,6 @@ def matrix_noising(p0: torch.Tensor, sigma: torch.Tensor, eigenvalues: torch.Ten
 
 
 # ---- timing -------------------------------------------------------------------------------------------
-def median_seconds(fn, repeats: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), samples
-
-
 def matrix_repeats(num_classes: int) -> tuple[int, int]:
     """(repeats, warmup) for the matrix forms, which take seconds at K = 1000."""
     if num_classes >= 1000:
@@ -128,17 +113,6 @@ def bench_one(num_classes: int, batch: int, closed_repeats: int, seed: int) -> d
     }
 
 
-def machine_info() -> dict:
-    return {
-        "platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
-        "python": platform.python_version(), "didicm": didicm.__version__,
-        # Other jobs on the machine distort small-op timings most: a parallel op waits for its slowest thread.
-        "load_average_1_5_15min": list(os.getloadavg()),
-    }
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
@@ -162,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         goals = {op: {"required_speedup": need, "speedup": at_1000[0][op]["speedup"],
                       "met": at_1000[0][op]["speedup"] >= need} for op, need in GOALS.items()}
     report = {"benchmark": "bench_core", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": machine_info(), "statistic": "median seconds per call", "results": rows, "goals": goals}
+              "machine": machine_info(didicm=didicm.__version__), "statistic": "median seconds per call",
+              "results": rows, "goals": goals}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B = {args.batch}; median per call")
     print(f"{'K':>6} {'operation':<10} {'closed form':>13} {'matrix form':>13} {'speedup':>10} {'max |diff|':>11}")
@@ -174,8 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     for op, goal in goals.items():
         print(f"goal at K=1000: {op} >= {goal['required_speedup']:.0f}x: {goal['speedup']:.0f}x, "
               f"{'met' if goal['met'] else 'NOT met'}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"wrote {args.output}")
     return report
 

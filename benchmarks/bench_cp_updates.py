@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from _harness import machine_info, median_seconds, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,17 +38,6 @@ def exponential(probs: torch.Tensor, log_score: torch.Tensor, h: torch.Tensor) -
     return probs / probs.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs.dtype).tiny)
 
 
-def median_seconds(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
-
-
 def bench_one(num_classes: int, batch: int, repeats: int, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     schedule = didicm.LogLinearSchedule()
@@ -67,7 +53,7 @@ def bench_one(num_classes: int, batch: int, repeats: int, seed: int) -> dict:
                       "zeroed_share_euler": (euler(probs, log_score, h) == 0).double().mean().item(),
                       "zeroed_share_exponential": (exponential(probs, log_score, h) == 0).double().mean().item()}
         if label == "middle_step":
-            seconds = {name: median_seconds(lambda f=f, p=probs, h=h: f(p, log_score, h), repeats)
+            seconds = {name: median_seconds(lambda f=f, p=probs, h=h: f(p, log_score, h), repeats)[0]
                        for name, f in (("euler", euler), ("exponential", exponential))}
             out["seconds"] = seconds
             out["exponential_over_euler"] = seconds["exponential"] / seconds["euler"]
@@ -97,11 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{first['zeroed_share_exponential']:.1%}  {middle['zeroed_share_euler']:>8.1%} / "
               f"{middle['zeroed_share_exponential']:.1%}")
     report = {"benchmark": "bench_cp_updates", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                          "torch_threads": torch.get_num_threads()},
+              "machine": machine_info(),
               "statistic": "median seconds per update", "results": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_results(args.output, report)
     print(f"wrote {args.output}")
     return report
 

@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import timm
 import torch
+from _harness import machine_info, write_results
 
 import didicm.models as models
 from didicm import evaluation
@@ -259,13 +257,9 @@ def run_frontier(args: argparse.Namespace) -> dict:
         results.append(bench_frontier(name, setting, repeats))
     table = frontier_table(results)
     print(table, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
     result = dict(
         command=" ".join(["python", "benchmarks/bench_models.py", *sys.argv[1:]]),
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
-                     torch_threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
-                     python=platform.python_version(), commit=commit),
+        machine=machine_info(timm=timm.__version__),
         note=("cost_vs_twin: seconds of one S-step prediction of a batch (evaluation.predict: encode once, S score "
               "calls, the sampler) over one forward pass of the twin (didirn18_twin, same width, softmax), "
               "median over repeats of per-repeat ratios; all ratios from this one run, calls shuffled within each "
@@ -277,8 +271,7 @@ def run_frontier(args: argparse.Namespace) -> dict:
                       head_of_conditioned_stages_0="ConditionedMLPHead width 256, depth 2 (the defaults)"),
         results=results, table=table, seconds=round(time.time() - started, 1),
     )
-    args.frontier_out.parent.mkdir(parents=True, exist_ok=True)
-    args.frontier_out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(args.frontier_out, result, indent=1)
     print(f"wrote {args.frontier_out} ({result['seconds']} s)", flush=True)
     return result
 
@@ -346,8 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     wrapper_cp8 = [row["cp"]["8"]["cost_vs_one_forward"] for row in cp if row["model"].startswith("didicm:")]
     result = dict(
         command=" ".join(["python", "benchmarks/bench_models.py", *(argv if argv is not None else sys.argv[1:])]),
-        machine=dict(platform=platform.platform(), processor=platform.processor(), cpu_count=os.cpu_count(),
-                     torch_threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__),
+        machine=machine_info(timm=timm.__version__),
         note="Timings are medians on a shared 2-core CPU; other jobs may have run at the same time.",
         settings=dict(batch=args.batch, sizes={str(k): v for k, v in SETTINGS.items()}, cp_steps=list(STEPS),
                       warmup_repeats_28px=[warmup_small, repeats_small],
@@ -357,8 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
                         worst_ratio=max(wrapper_cp8), passed=max(wrapper_cp8) <= 1.5),
         seconds=round(time.time() - started, 1),
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"wrapper 8-step CP: worst {max(wrapper_cp8):.2f} x one pass "
           f"({'pass' if result['acceptance']['passed'] else 'FAIL'}); wrote {args.out}", flush=True)
     return result
@@ -382,7 +373,7 @@ def _rerun_cp(args: argparse.Namespace, *repeats: int) -> dict:
     result["cp_cost"] = cp
     wrapper_cp8 = [row["cp"]["8"]["cost_vs_one_forward"] for row in cp if row["model"].startswith("didicm:")]
     result["acceptance"].update(worst_ratio=max(wrapper_cp8), passed=max(wrapper_cp8) <= 1.5)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     print(f"wrapper 8-step CP: worst {max(wrapper_cp8):.2f} x one pass; updated {args.out}", flush=True)
     return result
 
