@@ -18,14 +18,17 @@ import torch
 
 def machine_info(**extra) -> dict:
     """The machine, the software and the load: numbers from a shared machine mean little without them."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except OSError:  # no git: the numbers are still worth writing
+        commit = ""
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "commit": commit or "unknown",
             # other jobs distort small-op timings most: a parallel op waits for its slowest thread
-            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
+            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
     return {**info, **extra}
 
 

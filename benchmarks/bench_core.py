@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import sys
 from pathlib import Path
 
 import torch
-from _harness import machine_info, median_seconds, write_results
 
-import didicm
-from didicm.diffusion import reverse_rate_times
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, also when loaded by path (tests)
+from _harness import machine_info, median_seconds, write_results  # noqa: E402
+
+import didicm  # noqa: E402
+from didicm.diffusion import reverse_rate_times  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_core.json"
 # Goals from issue 2 at K = 1000, B = 256: how many times faster the closed form must be.

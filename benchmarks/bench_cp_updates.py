@@ -18,9 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-from _harness import machine_info, median_seconds, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, also when loaded by path (tests)
+from _harness import machine_info, median_seconds, write_results  # noqa: E402
 
 import didicm  # noqa: E402
 from didicm.diffusion import exponential_reverse_step, reverse_rate_times  # noqa: E402

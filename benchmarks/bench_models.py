@@ -31,7 +31,9 @@ from pathlib import Path
 
 import timm
 import torch
-from _harness import machine_info, write_results
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, also when loaded by path (tests)
+from _harness import machine_info, write_results  # noqa: E402
 
 import didicm.models as models
 from didicm import evaluation

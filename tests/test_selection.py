@@ -68,7 +68,9 @@ def test_min_delta_keeps_better_weights_but_only_a_real_improvement_restarts_the
     state = rule.state_dict()
     state.pop("min_delta"), state.pop("reference")
     old = Selection.from_state(state)
-    assert old.min_delta == 0.0 and not old.update(9, 9, {"nll": 0.694}) and old.update(10, 10, {"nll": 0.6939})
+    assert old.min_delta == 0.0 and old.reference is None
+    assert not old.update(9, 9, {"nll": 0.694}) and old.since_best == rule.since_best + 1
+    assert old.update(10, 10, {"nll": 0.6939}) and old.since_best == 0 and old.reference == 0.6939
     with pytest.raises(ConfigError, match="min_delta"):
         Selection("nll", min_delta=-0.1)
 
@@ -97,7 +99,9 @@ def test_min_delta_reaches_the_rule_from_the_config_and_bad_values_are_named(tmp
     # patience (2) validations, where without it the run goes on while nll_ts improves
     result = training.train(_config(tmp_path, "margin", min_delta=100.0), progress=False, log=lambda *_: None)
     history = result.metrics["selection"]["history"]
-    assert len(history) == 3 and result.metrics["selection"]["min_delta"] == 100.0
+    selection = result.metrics["selection"]
+    assert len(history) == 3 and selection["min_delta"] == 100.0
+    assert selection["stopped_early"] and selection["converged"]  # stopped by patience, even after a small gain
 
 
 @pytest.mark.parametrize("optim, message", [({"patience": 2}, "eval.select"), ({"sched": "plateau"}, "eval.select")])

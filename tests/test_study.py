@@ -251,6 +251,59 @@ def test_secondary_didicm_rows_are_compared_with_the_twin_and_the_best_control_s
     assert "best control `ensemble4`" in text
 
 
+def test_secondary_rows_with_the_twin_as_best_control_one_seed_or_fewer_paired_seeds():
+    from didicm.study.summary import _summaries
+    from didicm.study.writeup import _secondary
+
+    def cell(seed, values):
+        return {"resolution": 7, "data_ratio": 0.02, "seed": seed,
+                "rows": {row: {"arm": row, "sampler": "x", "top1": top1, "nll_ts": 0.5, "ece_ts": 0.0,
+                               "brier_ts": 0.0, "aurc": 0.0} for row, top1 in values.items()}}
+
+    # the twin is the best control: compared once; a row in one seed: 'one seed', counted apart
+    summary = _summaries({}, [cell(0, {"didicm": 70.0, "didicm_cp2": 71.0, "didicm_once": 75.0, "twin": 72.0,
+                                       "twin_ls": 60.0}),
+                              cell(1, {"didicm": 70.0, "didicm_cp2": 69.0, "twin": 71.0, "twin_ls": 61.0})])[0]
+    assert set(summary["secondary"]["didicm_cp2"]) == {"twin"}
+    once = summary["secondary"]["didicm_once"]["twin"]["top1"]
+    assert once["n"] == 1 and once["verdict"] == "one seed" and once["mean"] == pytest.approx(3.0)
+    text = "\n".join(_secondary({"summary": [summary]}, "DiDiCM CP-8"))
+    assert "- `didicm_once` minus twin, over 1 setting: top-1 wins in 0, ties in 0, loses in 0 (1 with one seed)" in text
+    # the best control on fewer seeds than the twin: its cells say on how many
+    summary = _summaries({}, [cell(0, {"didicm": 70.0, "didicm_cp2": 71.0, "twin": 72.0, "ens": 80.0}),
+                              cell(1, {"didicm": 70.0, "didicm_cp2": 69.0, "twin": 71.0})])[0]
+    text = "\n".join(_secondary({"summary": [summary]}, "DiDiCM CP-8"))
+    row = next(line for line in text.splitlines() if line.startswith("| didicm_cp2 "))
+    assert "| 2 |" in row and "-9.00 ± 0.00 (one seed) [1 seed]" in row
+
+
+def test_ablation_arms_are_never_the_recommended_default_and_unknown_roles_are_named(tmp_path):
+    from didicm.errors import ConfigError
+    from didicm.study import load_study
+    from didicm.study.summary import _recommendation
+    summary = {"seeds": [0, 1], "rows": {"didicm": {}}, "gaps": {
+        "didicm_ablation": _gap((0.0, 0.1), (0.0, 0.01)), "didicm_cp4": _gap((0.0, 0.1), (0.0, 0.01))}}
+    costs = {"didicm": 8.0, "didicm_ablation": 1.0, "didicm_cp4": 4.0}
+    lines = _recommendation(summary, costs, "setting", exclude=frozenset({"didicm_ablation"}))
+    assert summary["recommendation"]["row"] == "didicm_cp4" and "didicm_ablation" not in "".join(lines)
+    config = tmp_path / "study.yaml"
+    spec = json.loads(json.dumps(STUDY))
+    spec["arms"]["twin"]["role"] = "baseline"
+    config.write_text(yaml.safe_dump(dict(spec, output=str(tmp_path / "out"))))
+    with pytest.raises(ConfigError, match="role must be one of"):
+        load_study(config)
+
+
+def test_the_report_says_which_rows_are_scored_on_fewer_test_images():
+    from didicm.study.writeup import _subset_note
+    cells = [{"rows": {"twin": {"count": 10000}, "didicm": {"count": 10000}, "didicm_cl8x10": {"count": 1000}}},
+             {"rows": {"twin": {"count": 10000}, "didicm_cl8x10": {"count": 1000}}}]
+    assert _subset_note(cells) == (" Some rows are scored on the first test images only: `didicm_cl8x10` (1,000 "
+                                   "images); every other row on the whole test split, so gaps with these rows "
+                                   "compare different image sets.")
+    assert _subset_note([{"rows": {"twin": {"count": 5}, "didicm": {"count": 5}}}]) == ""
+
+
 def test_where_places_an_arm_in_the_settings_it_names():
     from didicm.study.spec import _in_cell
     spec = {"resolutions": [28, 14, 7], "data_ratios": [1.0, 0.1, 0.02]}

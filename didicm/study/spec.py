@@ -34,7 +34,10 @@ SIGNALS = tuple(f"auroc_{shift}_{score}" for shift in ("digits", "noise")
                 for score in ("maxprob", "entropy", "settle", "path_entropy")) + ("aurc_settle", "aurc_path_entropy")
 
 
-ARM_KEYS = ("where", "predict", "ensemble", "trajectory", "describe")
+ARM_KEYS = ("where", "predict", "ensemble", "trajectory", "describe", "role")
+
+# role: ablation marks an arm that explains a result rather than offers an option (never the recommended default)
+ROLES = ("option", "ablation")
 
 
 # how fast, not what: merged into every arm's training config but not into its recipe, so finished arms stay cached
@@ -71,6 +74,8 @@ def load_study(path: str | Path) -> dict:
     for name, arm in arms.items():
         if arm.get("where", "all") not in WHERE:
             raise ConfigError(f"arm {name!r}: where must be one of {WHERE}, got {arm.get('where')!r}")
+        if arm.get("role", "option") not in ROLES:
+            raise ConfigError(f"arm {name!r}: role must be one of {ROLES}, got {arm.get('role')!r}")
         if "ensemble" in arm:
             of = arm["ensemble"].get("of")
             if of not in arms or "ensemble" in arms[of]:

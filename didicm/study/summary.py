@@ -144,15 +144,16 @@ def row_costs(spec: dict, resolution: int, rows: dict) -> dict[str, float]:
     return costs
 
 
-def _recommendation(summary: dict, costs: dict, title: str) -> list[str]:
+def _recommendation(summary: dict, costs: dict, title: str, exclude: frozenset = frozenset()) -> list[str]:
     """Issue 15's default: the cheapest DiDiCM row that matches the headline (CP-8 of the full network) within seed
     noise, i.e. neither its top-1 nor its temperature-scaled NLL gap to the headline counts by the study's rule;
-    stored in the summary (study.json) and written from it, with what every cheaper row saves and costs."""
+    stored in the summary (study.json) and written from it, with what every cheaper row saves and costs.
+    ``exclude``: rows that are not options (ablation arms' rows)."""
     if HEADLINE not in costs or HEADLINE not in summary["rows"]:
         return []
     head_cost = costs[HEADLINE]
     options = sorted((row for row in summary["gaps"] if row.startswith(HEADLINE) and row in costs
-                      and costs[row] < head_cost), key=lambda row: costs[row])
+                      and row not in exclude and costs[row] < head_cost), key=lambda row: costs[row])
     table, match = [], None
     for row in options:
         gap = summary["gaps"][row]

@@ -132,7 +132,9 @@ def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], 
         title = f"{key[0]} px, data ratio {key[1]:g}"
         lines += [markdown_table(table, title=f"Accuracy-compute frontier, {title} (test split, mean ± std over "
                                               "seeds; cost per image in passes of the twin, by counted FLOPs)"), ""]
-        lines += _recommendation(summary, costs, title)
+        ablations = frozenset(row for arm in spec["arms"].values() if arm.get("role") == "ablation"
+                              for row in arm.get("predict", {}))
+        lines += _recommendation(summary, costs, title, exclude=ablations)
         name = f"frontier_res{key[0]}_ratio{key[1]:g}.png"
         figures.append(str(plot_frontier(points, out / name, title=f"frontier: {title}")))
     return lines, figures
@@ -159,7 +161,7 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
              f"result, is `didicm` ({_headline_label(spec)}); its other samplers are secondary rows. Gaps are "
              "DiDiCM minus the other row, "
              "mean ± std over seeds of the per-seed differences; a gap within two standard deviations (or with one "
-             "seed) is a tie.", "",
+             "seed) is a tie." + _subset_note(cells), "",
              "Arms: " + "; ".join(f"`{k}`: {v}" for k, v in study["arms"].items() if v) + ".", ""]
     lines += ["## Findings (generated from study.json)", ""] + _findings(study, _headline_label(spec)) + [""]
     for summary in summaries:
@@ -190,6 +192,23 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
     lines += ["## The accuracy-compute frontier", ""] + frontier + [""] + _training_table(cells)
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _subset_note(cells: list[dict]) -> str:
+    """Rows scored on fewer test images than the rest of their cell (CL's ``cl_limit``): their gaps pair different
+    image sets, which the reader must know."""
+    limited = {}
+    for cell in cells:
+        full = max(info.get("count", 0) for info in cell["rows"].values())
+        for row, info in cell["rows"].items():
+            if 0 < info.get("count", full) < full:
+                limited.setdefault(row, set()).add(info["count"])
+    if not limited:
+        return ""
+    names = ", ".join(f"`{row}` ({'/'.join(f'{n:,}' for n in sorted(counts))} images)"
+                      for row, counts in sorted(limited.items()))
+    return (f" Some rows are scored on the first test images only: {names}; every other row on the whole test "
+            "split, so gaps with these rows compare different image sets.")
 
 
 def _headline_label(spec: dict) -> str:
@@ -301,11 +320,13 @@ def _secondary(study: dict, headline: str) -> list[str]:
     for summary in summaries:
         table = []
         for row, versus in summary["secondary"].items():
-            entry = {"row": row, "seeds": versus[next(iter(versus))]["top1"]["n"]}
+            seeds = max(gap["top1"]["n"] for gap in versus.values())
+            entry = {"row": row, "seeds": seeds}
             for control, gap in versus.items():
                 name = "twin" if control == "twin" else f"best control `{control}`"
-                entry[f"minus {name}, top-1"] = _gap_text(gap, "top1")
-                entry[f"minus {name}, nll_ts"] = _gap_text(gap, "nll_ts")
+                fewer = f" [{gap['top1']['n']} seed]" if gap["top1"]["n"] < seeds else ""  # paired on fewer seeds
+                entry[f"minus {name}, top-1"] = _gap_text(gap, "top1") + fewer
+                entry[f"minus {name}, nll_ts"] = _gap_text(gap, "nll_ts") + fewer
             table.append(entry)
         lines += [markdown_table(table, title=f"{summary['resolution']} px, data ratio {summary['data_ratio']:g}: "
                                               "DiDiCM's other rows minus the controls"), ""]

@@ -365,12 +365,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         metrics = {"val": results, "train_seconds": round(train_seconds, 2), "bad_steps": updater.bad_total,
                    "steps_run": step, "epochs_run": round(stream.epoch_of(step), 4), "steps_per_epoch": steps_per_epoch}
         if selection is not None:
-            # converged: training went on past its best validation (it stopped by patience, or at least the
-            # budget's end was not the best point); otherwise a longer budget might still help
+            # converged: stopped by patience (with min_delta the last validation may still be a small gain), or the
+            # budget's end was not the best point; otherwise a longer budget might still help
             metrics["selection"] = {"metric": selection.metric, "best_step": selection.best_step,
                                     "best_epoch": round(selection.best_epoch, 4), "best_value": selection.best_value,
                                     "stopped_early": selection.should_stop, "min_delta": selection.min_delta,
-                                    "converged": selection.best_step < step, "lr_scale": selection.lr_scale,
+                                    "converged": selection.should_stop or selection.best_step < step,
+                                    "lr_scale": selection.lr_scale,
                                     "validation_seconds": None if selection.validation_seconds is None
                                     else round(selection.validation_seconds, 2), "history": selection.history}
         save_model(run_dir / "model.safetensors", final, dict(meta_base, kind="model", step=step, metrics=metrics))
