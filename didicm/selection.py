@@ -112,3 +112,17 @@ class Selection:
     @classmethod
     def from_state(cls, state: dict) -> Selection:
         return cls(**{"validation_seconds": None, **state})
+
+    def resumed_with(self, rule: Selection) -> tuple[Selection, list[str]]:
+        """This saved state under ``rule``'s settings (the resumed run's config: patience, lr_patience, lr_decay,
+        min_delta), and a line per setting that changed. A different metric cannot continue: its best value and
+        counts mean nothing under another metric."""
+        if rule.metric != self.metric:
+            raise ConfigError(f"eval.select is {rule.metric!r} but the checkpoint was selected by {self.metric!r}; "
+                              "resume with the same metric or start a new run (another output folder)")
+        changed = [f"{name} {getattr(rule, name)!r} (the checkpoint had {getattr(self, name)!r})"
+                   for name in ("patience", "lr_patience", "lr_decay", "min_delta")
+                   if getattr(rule, name) != getattr(self, name)]
+        state = {**self.state_dict(), **{n: getattr(rule, n) for n in ("patience", "lr_patience", "lr_decay",
+                                                                        "min_delta")}}
+        return Selection(**state), changed

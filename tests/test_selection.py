@@ -75,6 +75,23 @@ def test_min_delta_keeps_better_weights_but_only_a_real_improvement_restarts_the
         Selection("nll", min_delta=-0.1)
 
 
+def test_a_resumed_run_keeps_its_counts_but_follows_the_configs_rule_and_says_what_changed():
+    saved = Selection("nll", patience=3, lr_patience=2)
+    for step, v in enumerate([1.0, 0.8, 0.9, 0.85]):
+        saved.update(step, step, {"nll": v})
+    state = json.loads(json.dumps(saved.state_dict()))
+    same, changed = Selection.from_state(state).resumed_with(Selection("nll", patience=3, lr_patience=2))
+    assert changed == [] and same == saved
+    longer, changed = Selection.from_state(state).resumed_with(Selection("nll", patience=6, lr_patience=2,
+                                                                         min_delta=0.01))
+    assert changed == ["patience 6 (the checkpoint had 3)", "min_delta 0.01 (the checkpoint had 0.0)"]
+    assert (longer.best_value, longer.since_best, longer.lr_scale) == (0.8, 2, saved.lr_scale)
+    longer.update(4, 4, {"nll": 0.9})
+    assert not longer.should_stop  # 3 misses: enough to stop under the old patience, not under the new one
+    with pytest.raises(ConfigError, match="selected by 'nll'"):
+        Selection.from_state(state).resumed_with(Selection("top1"))
+
+
 def test_top1_selection_prefers_higher_values():
     rule = Selection("top1")
     assert rule.update(1, 0.1, {"top1": 50.0}) and rule.update(2, 0.2, {"top1": 60.0})

@@ -212,7 +212,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
                 found, model, optimizer, ema, cfg, updater.scaler)
             meter.restore(loss_average)
             if selection is not None and state is not None:
-                selection = Selection.from_state(state)
+                # the counts and the best value continue; the rule's settings are this config's
+                selection, changed = Selection.from_state(state).resumed_with(selection)
+                if changed and main:
+                    log("resuming with " + "; ".join(changed))
             if main:
                 log(f"resuming from {found} at step {start_step}")
 
