@@ -268,7 +268,8 @@ def test_secondary_rows_with_the_twin_as_best_control_one_seed_or_fewer_paired_s
     once = summary["secondary"]["didicm_once"]["twin"]["top1"]
     assert once["n"] == 1 and once["verdict"] == "one seed" and once["mean"] == pytest.approx(3.0)
     text = "\n".join(_secondary({"summary": [summary]}, "DiDiCM CP-8"))
-    assert "- `didicm_once` minus twin, over 1 setting: top-1 wins in 0, ties in 0, loses in 0 (1 with one seed)" in text
+    assert "- `didicm_once` minus twin, over 1 setting: top-1 wins in 0, ties in 0, loses in 0 (1 with one seed)" \
+        in text
     # the best control on fewer seeds than the twin: its cells say on how many
     summary = _summaries({}, [cell(0, {"didicm": 70.0, "didicm_cp2": 71.0, "twin": 72.0, "ens": 80.0}),
                               cell(1, {"didicm": 70.0, "didicm_cp2": 69.0, "twin": 71.0})])[0]
