@@ -305,6 +305,31 @@ def test_the_report_says_which_rows_are_scored_on_fewer_test_images():
     assert _subset_note([{"rows": {"twin": {"count": 5}, "didicm": {"count": 5}}}]) == ""
 
 
+def test_ood_gaps_favour_the_higher_auroc_and_are_counted_over_settings():
+    from didicm.study.summary import _summaries
+    from didicm.study.writeup import _ood_counts
+
+    def cell(resolution, seed, didicm_auroc, twin_auroc):
+        rows = {}
+        for row, auroc in (("didicm", didicm_auroc), ("twin", twin_auroc)):
+            rows[row] = {"arm": row, "sampler": "x", "top1": 80.0, "nll_ts": 0.5, "ece_ts": 0.0, "brier_ts": 0.0,
+                         "aurc": 0.0, "auroc_digits_maxprob": auroc, "auroc_noise_maxprob": 1 - auroc}
+        return {"resolution": resolution, "data_ratio": 1.0, "seed": seed, "rows": rows}
+
+    cells = [cell(7, 0, 0.90, 0.80), cell(7, 1, 0.91, 0.80),      # digits: DiDiCM higher, a win
+             cell(14, 0, 0.70, 0.80), cell(14, 1, 0.71, 0.80),    # digits: lower, a loss
+             cell(28, 0, 0.80, 0.80)]                              # one seed
+    summaries = _summaries({}, cells)
+    by_res = {s["resolution"]: s["gaps"]["twin"] for s in summaries}
+    assert by_res[7]["auroc_digits_maxprob"]["verdict"] == "win" and \
+        by_res[7]["auroc_digits_maxprob"]["mean"] == pytest.approx(0.105)
+    assert by_res[7]["auroc_noise_maxprob"]["verdict"] == "loss"
+    assert by_res[14]["auroc_digits_maxprob"]["verdict"] == "loss"
+    lines = _ood_counts({"summary": summaries}, "DiDiCM CP-8")
+    assert "- against `twin`: digits: wins in 1, ties in 0, loses in 1 (1 with one seed); noisy images: wins in 1, " \
+           "ties in 0, loses in 1 (1 with one seed)." in lines
+
+
 def test_where_places_an_arm_in_the_settings_it_names():
     from didicm.study.spec import _in_cell
     spec = {"resolutions": [28, 14, 7], "data_ratios": [1.0, 0.1, 0.02]}

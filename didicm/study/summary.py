@@ -25,6 +25,12 @@ def _cell_cost(record: dict) -> dict:
                                        if "images_per_second" in info}}
 
 
+# the metrics gaps are taken on: accuracy, calibration after scaling, selective prediction, and OOD detection by
+# the max-probability score (AUROC against scikit-learn's digits and against noisy test images)
+GAP_METRICS = ("top1", "nll_ts", "ece_ts", "brier_ts", "aurc", "auroc_digits_maxprob", "auroc_noise_maxprob")
+HIGHER_IS_BETTER = frozenset({"top1", "auroc_digits_maxprob", "auroc_noise_maxprob"})
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -77,9 +83,11 @@ def _paired_gap(group: list[dict], row: str, other: str) -> dict | None:
     if not paired:
         return None
     gap = {}
-    for metric in ("top1", "nll_ts", "ece_ts", "brier_ts", "aurc"):
+    for metric in GAP_METRICS:
+        if not all(metric in c["rows"][row] and metric in c["rows"][other] for c in paired):
+            continue  # e.g. OOD scores of cells from before they were measured
         mean, std = _mean_std([c["rows"][row][metric] - c["rows"][other][metric] for c in paired])
-        better = mean if metric == "top1" else -mean
+        better = mean if metric in HIGHER_IS_BETTER else -mean
         gap[metric] = {"mean": mean, "std": std, "n": len(paired), "verdict": _verdict(better, std, len(paired))}
     return gap
 

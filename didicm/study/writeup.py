@@ -178,17 +178,20 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
         lines += [markdown_table(rows, title=f"{key} (test split, mean ± std over seeds)"), ""]
         if summary["gaps"]:
             gap_rows = [{"DiDiCM minus": row,
-                         **{f"{m} gap": f"{g[m]['mean']:+.3f} ± {g[m]['std']:.3f} ({g[m]['verdict']})"
-                            for m in ("top1", "nll_ts", "ece_ts")}}
+                         **{f"{label} gap": f"{g[m]['mean']:+.3f} ± {g[m]['std']:.3f} ({g[m]['verdict']})"
+                            for m, label in (("top1", "top1"), ("nll_ts", "nll_ts"), ("ece_ts", "ece_ts"),
+                                             ("auroc_digits_maxprob", "OOD digits AUROC"),
+                                             ("auroc_noise_maxprob", "OOD noise AUROC")) if m in g}}
                         for row, g in summary["gaps"].items()]
-            lines += [markdown_table(gap_rows, title=f"{key}: gaps (positive top-1 gap, negative NLL/ECE gap: "
-                                                     "DiDiCM better)"), ""]
+            lines += [markdown_table(gap_rows, title=f"{key}: gaps (positive top-1 or AUROC gap, negative NLL/ECE "
+                                                     "gap: DiDiCM better)"), ""]
     lines += _secondary(study, _headline_label(spec))
     lines += ["## Uncertainty beyond calibration", "",
               "Selective prediction (AURC: lower is better; it ranks images by max-probability unless named) and "
               "out-of-distribution detection (AUROC against scikit-learn's digits and against test images under heavy "
               "noise; 0.5 is chance). `settle` (how late the CP trajectory's top class settles) and `path_entropy` "
-              "(the entropy averaged along the trajectory) are DiDiCM's own signals.", ""] + _signal_tables(summaries)
+              "(the entropy averaged along the trajectory) are DiDiCM's own signals.", ""] + \
+        _ood_counts(study, _headline_label(spec)) + _signal_tables(summaries)
     lines += ["## The accuracy-compute frontier", ""] + frontier + [""] + _training_table(cells)
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -215,6 +218,34 @@ def _headline_label(spec: dict) -> str:
     """'DiDiCM CP-8' for the headline row's sampler 'cp:8'."""
     sampler = spec["arms"][HEADLINE]["predict"][HEADLINE]
     return "DiDiCM " + sampler.split(":")[0].upper() + "-" + ":".join(sampler.split(":")[1:])
+
+
+def _ood_counts(study: dict, headline: str) -> list[str]:
+    """How often the headline's max-probability OOD detection beats each control's, over the settings (the
+    per-setting gaps are in the gap tables)."""
+    tallies: dict[str, dict[str, dict[str, int]]] = {}
+    for summary in study["summary"]:
+        for row, gap in summary["gaps"].items():
+            if row.startswith(HEADLINE):
+                continue
+            for metric in ("auroc_digits_maxprob", "auroc_noise_maxprob"):
+                if metric in gap:
+                    tally = tallies.setdefault(row, {}).setdefault(metric, {"win": 0, "tie": 0, "loss": 0,
+                                                                            "one seed": 0})
+                    tally[gap[metric]["verdict"]] += 1
+    if not tallies:
+        return []
+    lines = [f"OOD detection by the max-probability score, {headline} minus each control (AUROC; a setting counts "
+             "only beyond two seed standard deviations):", ""]
+    for row, by_metric in sorted(tallies.items(), key=lambda kv: (kv[0] != "twin", kv[0])):
+        parts = []
+        for metric, label in (("auroc_digits_maxprob", "digits"), ("auroc_noise_maxprob", "noisy images")):
+            if metric in by_metric:
+                t = by_metric[metric]
+                parts.append(f"{label}: wins in {t['win']}, ties in {t['tie']}, loses in {t['loss']}"
+                             + (f" ({t['one seed']} with one seed)" if t["one seed"] else ""))
+        lines.append(f"- against `{row}`: " + "; ".join(parts) + ".")
+    return lines + [""]
 
 
 def _signal_tables(summaries: list[dict]) -> list[str]:
