@@ -159,3 +159,29 @@ def test_unknown_config_key_is_named(tmp_path):
 def test_invalid_runtime_options_are_refused_by_name(tmp_path, key, value):
     with pytest.raises(ConfigError, match=key):
         _config(tmp_path, **{key: value})
+
+
+def test_a_second_process_cannot_train_into_a_run_folder_in_use_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    cfg = _config(tmp_path, "locked")
+    lock = tmp_path / "locked" / "train.lock"
+    lock.parent.mkdir(parents=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(str(alive.pid))
+        with pytest.raises(ConfigError, match=f"being trained by process {alive.pid}"):
+            training.train(cfg, progress=False, log=lambda *_: None)
+        assert lock.read_text() == str(alive.pid)  # the owner's lock is left alone
+        assert latest_checkpoint(tmp_path / "locked") is None  # nothing was trained or written
+    finally:
+        alive.kill()
+        alive.wait()
+    # the owner is gone (killed): its lock is stale, training takes it over and removes it at the end
+    result = training.train(cfg, progress=False, log=lambda *_: None)
+    assert result.steps_done > 0 and not lock.exists()
+    # a run that fails also releases the lock
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_config(tmp_path, "faulty"), progress=False, log=lambda *_: None, fault_after_steps=1)
+    assert not (tmp_path / "faulty" / "train.lock").exists()

@@ -12,6 +12,7 @@ exactly.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -111,6 +112,50 @@ def _set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path, enabled: bool = True):
+    """One training process per run folder. Two would interleave checkpoints and logs (each resumes from the same
+    checkpoint), so a second is refused while the first lives; a lock whose process is gone (killed) is taken
+    over. The lock file holds the owner's PID and is removed when training ends, however it ends."""
+    if not enabled:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "train.lock"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _process_alive(owner):
+                raise ConfigError(f"{run_dir} is being trained by process {owner} (its lock: {path}); wait for it, "
+                                  "stop it, or train into another output folder") from None
+            path.unlink(missing_ok=True)  # left by a process that is gone
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    else:
+        raise ConfigError(f"could not take the training lock {path}")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=print,
           fault_after_steps: int | None = None) -> TrainResult:
     """Train the model of ``config``; write checkpoints, a CSV log and the final model under config.output.
@@ -119,6 +164,13 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = True, log=
         resume: continue from the newest complete checkpoint in the output folder (bit-for-bit the same run).
         fault_after_steps: testing hook: raise KeyboardInterrupt after this many steps of this call.
     """
+    config = config.validate()  # a bad config fails before any folder is made
+    # torchrun's rank 0 holds the lock for every rank of the run
+    with run_lock(Path(config.output), enabled=int(os.environ.get("RANK", "0")) == 0):
+        return _train(config, resume, progress, log, fault_after_steps)
+
+
+def _train(config: TrainConfig, resume: bool, progress: bool, log, fault_after_steps: int | None) -> TrainResult:
     cfg = config.validate()
     started = time.perf_counter()
     rank, world = init_distributed(cfg.dist_timeout)
