@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -223,16 +224,14 @@ def _headline_label(spec: dict) -> str:
 def _ood_counts(study: dict, headline: str) -> list[str]:
     """How often the headline's max-probability OOD detection beats each control's, over the settings (the
     per-setting gaps are in the gap tables)."""
-    tallies: dict[str, dict[str, dict[str, int]]] = {}
+    tallies: dict[str, dict[str, Counter]] = {}
     for summary in study["summary"]:
         for row, gap in summary["gaps"].items():
             if row.startswith(HEADLINE):
                 continue
             for metric in ("auroc_digits_maxprob", "auroc_noise_maxprob"):
                 if metric in gap:
-                    tally = tallies.setdefault(row, {}).setdefault(metric, {"win": 0, "tie": 0, "loss": 0,
-                                                                            "one seed": 0})
-                    tally[gap[metric]["verdict"]] += 1
+                    tallies.setdefault(row, {}).setdefault(metric, Counter())[gap[metric]["verdict"]] += 1
     if not tallies:
         return []
     lines = [f"OOD detection by the max-probability score, {headline} minus each control (AUROC; a setting counts "
@@ -241,9 +240,7 @@ def _ood_counts(study: dict, headline: str) -> list[str]:
         parts = []
         for metric, label in (("auroc_digits_maxprob", "digits"), ("auroc_noise_maxprob", "noisy images")):
             if metric in by_metric:
-                t = by_metric[metric]
-                parts.append(f"{label}: wins in {t['win']}, ties in {t['tie']}, loses in {t['loss']}"
-                             + (f" ({t['one seed']} with one seed)" if t["one seed"] else ""))
+                parts.append(f"{label}: {_verdict_counts(by_metric[metric])}")
         lines.append(f"- against `{row}`: " + "; ".join(parts) + ".")
     return lines + [""]
 
@@ -314,6 +311,12 @@ def _findings(study: dict, headline: str) -> list[str]:
     return out
 
 
+def _verdict_counts(tally: Counter) -> str:
+    """'wins in 1, ties in 6, loses in 1' (with how many settings had one seed), from a Counter of verdicts."""
+    return (f"wins in {tally['win']}, ties in {tally['tie']}, loses in {tally['loss']}"
+            + (f" ({tally['one seed']} with one seed)" if tally["one seed"] else ""))
+
+
 def _gap_text(gap: dict, metric: str) -> str:
     digits = 2 if metric == "top1" else 3
     return f"{gap[metric]['mean']:+.{digits}f} ± {gap[metric]['std']:.{digits}f} ({gap[metric]['verdict']})"
@@ -330,20 +333,17 @@ def _secondary(study: dict, headline: str) -> list[str]:
              f"The headline ({headline}) was fixed before any result; the rows below were not, and choosing the best "
              "of them after seeing the test split would flatter DiDiCM. Each gap is the row minus the control, mean ± "
              "std over seeds of the per-seed differences (positive top-1, negative NLL: the DiDiCM row better).", ""]
-    counts: dict[str, dict[str, dict[str, int]]] = {}
+    counts: dict[str, dict[str, Counter]] = {}
     for summary in summaries:
         for row, versus in summary["secondary"].items():
             if "twin" not in versus:
                 continue
             for metric in ("top1", "nll_ts"):
-                tally = counts.setdefault(row, {}).setdefault(metric, {"win": 0, "tie": 0, "loss": 0, "one seed": 0})
-                tally[versus["twin"][metric]["verdict"]] += 1
+                counts.setdefault(row, {}).setdefault(metric, Counter())[versus["twin"][metric]["verdict"]] += 1
     for row, by_metric in sorted(counts.items()):
         parts = []
         for metric, label in (("top1", "top-1"), ("nll_ts", "NLL after scaling")):
-            tally = by_metric[metric]
-            parts.append(f"{label} wins in {tally['win']}, ties in {tally['tie']}, loses in {tally['loss']}"
-                         + (f" ({tally['one seed']} with one seed)" if tally["one seed"] else ""))
+            parts.append(f"{label} {_verdict_counts(by_metric[metric])}")
         settings = sum(by_metric["top1"].values())
         lines.append(f"- `{row}` minus twin, over {settings} setting{'s' if settings > 1 else ''}: "
                      + "; ".join(parts) + ".")
