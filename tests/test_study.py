@@ -454,3 +454,33 @@ def test_changed_prediction_rows_of_a_trained_arm_come_from_its_saved_model_and_
     _run(tmp_path, spec, "--no-aggregate")
     printed = capsys.readouterr().out
     assert "model.safetensors is missing: training it again" in printed and "training didicm" in printed
+
+
+def test_an_arms_commit_is_dirty_for_code_changes_but_not_for_the_studys_own_results(tmp_path, monkeypatch):
+    import subprocess
+
+    from didicm.study.spec import _commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    monkeypatch.delenv("DIDICM_COMMIT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "study.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "empty")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "files")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert _commit("results") == head
+
+    (tmp_path / "results" / "study.json").write_text('{"cells": []}')  # the grid writing its results
+    assert _commit("results") == head
+    assert _commit() == head + "-dirty"  # without the exemption the same tree counts as changed
+
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _commit("results") == head + "-dirty"
+    monkeypatch.setenv("DIDICM_COMMIT", "abc123")
+    assert _commit("results") == "abc123"

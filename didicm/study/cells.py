@@ -244,7 +244,7 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                 info.update(_row_metrics(arrays, row, signal_row))
         _rescore(record, arrays, arm_name, signal_row)
         _save_predictions(pred_path, arrays)
-        record["commit"] = _commit()
+        record["commit"] = _commit(out)
         write_json(cell_path, record)
         log(f"[{name}] {arm_name}: " + ", ".join(f"{row} {record['rows'][row]['top1']:.2f}%" for row in rows) +
             f" ({seconds:.0f} s)")
@@ -257,7 +257,7 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
         rows = [arm_name] if "ensemble" in arm else list(arm["predict"])
         if cached.get("recipe") == recipe and all(f"test_{r}" in arrays for r in rows):
             if _rescore(record, arrays, arm_name, arm.get("trajectory")):
-                record["commit"] = _commit()
+                record["commit"] = _commit(out)
                 write_json(cell_path, record)
                 log(f"[{name}] {arm_name}: cached, rescored from its saved predictions")
             else:
@@ -282,12 +282,12 @@ def run_cell(spec: dict, resolution: int, ratio: float, seed: int, progress: boo
                 _predict_arm_rows(spec, arm_name, predict, model, diffusion, splits, test_set, seed, batch, arrays,
                                   record, name, log)
                 cached["recipe"] = recipe
-                cached.setdefault("rows_added", []).append({"rows": predict, "dropped": dropped, "commit": _commit(),
+                cached.setdefault("rows_added", []).append({"rows": predict, "dropped": dropped, "commit": _commit(out),
                                                             "device": device})
                 save(arm_name, predict, time.perf_counter() - started)
                 continue
         need_splits()
-        arm_record = {"recipe": recipe, "commit": _commit()}
+        arm_record = {"recipe": recipe, "commit": _commit(out)}
         if "ensemble" in arm:
             of, members = arm["ensemble"]["of"], int(arm["ensemble"]["members"])
             summed, seconds, trained = {}, 0.0, []

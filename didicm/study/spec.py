@@ -159,17 +159,27 @@ def _arm_recipe(spec: dict, name: str, resolution: int, ratio: float, seed: int,
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _commit() -> str:
-    """The checkout's commit (``-dirty`` if tracked files changed); DIDICM_COMMIT names it where there is no git."""
+def _commit(ignore: str | Path | None = None) -> str:
+    """The checkout's commit, ``-dirty`` if tracked files changed; DIDICM_COMMIT names it where there is no git.
+
+    Changes under ``ignore`` (the study's own output folder, whose tracked results the grid rewrites as cells land)
+    do not count: otherwise every arm trained after the first result was written would read ``-dirty``.
+    """
     if os.environ.get("DIDICM_COMMIT"):
         return os.environ["DIDICM_COMMIT"]
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                                  check=True).stdout.strip())
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    skip = Path(ignore).resolve() if ignore is not None else None
+    # porcelain v1 lines: two status letters, a space, the path from the top level ("old -> new" for renames)
+    changed = [top / line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if len(line) > 3]
+    dirty = [path for path in changed if skip is None or not path.resolve().is_relative_to(skip)]
+    return head + ("-dirty" if dirty else "")
 
 
 def _arm_run_dir(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int = 0) -> Path:
