@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -380,18 +382,33 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"didicm: warning: {message}\n"  # no source line: the user did not write it
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that training's cleanup (its run-folder lock, a study's workers) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
+    # the default SIGTERM action ends the process without unwinding, leaving locks behind (`kill`, job schedulers)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return COMMANDS[args.command](args)
     except DidicmError as error:
         print(f"didicm {args.command}: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"didicm {args.command}: interrupted; completed checkpoints are kept (resume with --resume)",
+    except KeyboardInterrupt as stop:
+        how, code = ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        print(f"didicm {args.command}: {how}; completed checkpoints are kept (resume with --resume)",
               file=sys.stderr)
-        return 130
+        return code
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

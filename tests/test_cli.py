@@ -173,3 +173,31 @@ def test_tta_runs_from_the_cli_and_warnings_are_one_line(tmp_path):
     assert tta["evaluations_per_image"] == 3 and tta["count"] == 64
     assert warnings.formatwarning("skipped 1 file", UserWarning, "x.py", 3, "source") == \
         "didicm: warning: skipped 1 file\n"
+
+
+def test_sigterm_stops_training_cleanly_keeping_checkpoints_and_releasing_the_lock(tmp_path):
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "didicm.cli", "train", "--model", "test_resnet", "--dataset", "digits",
+               "--output", str(out), "--no-progress", "--set", "optim.steps=100000", "--set", "optim.batch_size=32",
+               "--set", "checkpoint_every=5"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("checkpoints/*.safetensors")) and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.2)
+        assert (out / "train.lock").exists()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, stderr
+    assert "terminated; completed checkpoints are kept" in stderr and "Traceback" not in stderr
+    assert not (out / "train.lock").exists()  # the default SIGTERM action would have left it behind
+    assert list(out.glob("checkpoints/*.safetensors"))
+    assert os.path.getsize(next(out.glob("checkpoints/*.safetensors"))) > 0

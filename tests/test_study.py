@@ -484,3 +484,35 @@ def test_an_arms_commit_is_dirty_for_code_changes_but_not_for_the_studys_own_res
     assert _commit("results") == head + "-dirty"
     monkeypatch.setenv("DIDICM_COMMIT", "abc123")
     assert _commit("results") == "abc123"
+
+
+def test_sigterm_to_the_study_stops_its_workers_and_they_release_their_locks(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = dict(STUDY["base"], optim=dict(STUDY["base"]["optim"], patience=10**6, lr_patience=10**6))
+    spec = dict(STUDY, base=base, epochs={0.5: 10**5}, output=str(tmp_path / "results"), runs=str(tmp_path / "runs"))
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(spec))
+    command = [sys.executable, "-m", "didicm.cli", "study", str(config), "--no-progress", "--jobs", "2"]
+    parent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while len(locks := list((tmp_path / "runs").glob("*/*/train.lock"))) < 2 and parent.poll() is None:
+            assert time.monotonic() < deadline, "the two workers did not start training within 180 s"
+            time.sleep(0.2)
+        workers = {int(lock.read_text().split()[0]) for lock in locks}
+        parent.send_signal(signal.SIGTERM)  # the parent alone, as `kill <pid>` or a scheduler would
+        _, stderr = parent.communicate(timeout=120)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 143, stderr
+    assert len(workers) == 2 and parent.pid not in workers
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not list((tmp_path / "runs").glob("*/*/train.lock"))

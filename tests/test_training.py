@@ -175,6 +175,17 @@ def test_a_second_process_cannot_train_into_a_run_folder_in_use_and_a_dead_ones_
             training.train(cfg, progress=False, log=lambda *_: None)
         assert lock.read_text() == str(alive.pid)  # the owner's lock is left alone
         assert latest_checkpoint(tmp_path / "locked") is None  # nothing was trained or written
+        started = training.train_loop._process_start(alive.pid)
+        if started is not None:  # Linux: the lock names its owner by PID and start time
+            lock.write_text(f"{alive.pid} {started}")
+            with pytest.raises(ConfigError, match=f"being trained by process {alive.pid}"):
+                training.train(cfg, progress=False, log=lambda *_: None)
+            # the same PID with another start time is a reused PID (say, after a restart): the lock is stale
+            reused_lock = tmp_path / "reused" / "train.lock"
+            reused_lock.parent.mkdir()
+            reused_lock.write_text(f"{alive.pid} {int(started) + 1}")
+            reused = training.train(_config(tmp_path, "reused"), progress=False, log=lambda *_: None)
+            assert reused.steps_done > 0 and not reused_lock.exists()
     finally:
         alive.kill()
         alive.wait()

@@ -53,6 +53,14 @@ def _run_workers(path: str | Path, names: list[str], jobs: int, log) -> None:
             command += ["--only", name]
         log(f"worker {worker}: {', '.join(mine)}")
         workers.append(subprocess.Popen(command, env=env))
-    failed = [i for i, w in enumerate(workers) if w.wait() != 0]
+    try:
+        failed = [i for i, w in enumerate(workers) if w.wait() != 0]
+    except BaseException:  # Ctrl-C or SIGTERM to this process alone: stop the workers too, so none trains unseen
+        for worker in workers:
+            if worker.poll() is None:
+                worker.terminate()
+        for worker in workers:
+            worker.wait()
+        raise
     if failed:
         raise DidicmError(f"study workers {failed} failed (their finished arms are kept; re-run to continue)")

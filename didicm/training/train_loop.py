@@ -116,7 +116,8 @@ def _set_lr(optimizer, lr: float) -> None:
 def run_lock(run_dir: Path, enabled: bool = True):
     """One training process per run folder. Two would interleave checkpoints and logs (each resumes from the same
     checkpoint), so a second is refused while the first lives; a lock whose process is gone (killed) is taken
-    over. The lock file holds the owner's PID and is removed when training ends, however it ends."""
+    over. The lock file names its owner by PID and start time, so a PID reused by an unrelated process (after a
+    restart) does not hold the folder; it is removed when training ends, however it ends."""
     if not enabled:
         yield
         return
@@ -127,16 +128,17 @@ def run_lock(run_dir: Path, enabled: bool = True):
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                owner = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _process_alive(owner):
+                fields = path.read_text().split()
+                owner, started = int(fields[0]), (fields[1] if len(fields) > 1 else None)
+            except (OSError, ValueError, IndexError):
+                owner, started = 0, None
+            if owner and owner != os.getpid() and _process_alive(owner, started):
                 raise ConfigError(f"{run_dir} is being trained by process {owner} (its lock: {path}); wait for it, "
                                   "stop it, or train into another output folder") from None
             path.unlink(missing_ok=True)  # left by a process that is gone
             continue
         with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
+            handle.write(f"{os.getpid()} {_process_start(os.getpid()) or ''}".strip())
         break
     else:
         raise ConfigError(f"could not take the training lock {path}")
@@ -146,13 +148,26 @@ def run_lock(run_dir: Path, enabled: bool = True):
         path.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux /proc), or None where there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name in parentheses may hold spaces
+
+
+def _process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether ``pid`` runs and, when its start time was recorded, is the same process that recorded it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's live process
-        return True
+        pass
+    if started is not None:
+        now = _process_start(pid)
+        return now is None or now == started
     return True
 
 
