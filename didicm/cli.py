@@ -127,6 +127,9 @@ def _study_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1,
                    help="cells run in parallel worker processes (helps a GPU, whose small kernels leave it idle)")
     p.add_argument("--no-aggregate", action="store_true", help="run cells only; skip study.json and the report")
+    p.add_argument("--status", action="store_true",
+                   help="print which arms are done, training (epoch, best validation, patience left), stopped "
+                        "(resume from a checkpoint) or pending, then exit; reads files only")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -361,6 +364,11 @@ def _cmd_demo(args) -> int:
 def _cmd_study(args) -> int:
     from .study import run_study
 
+    if args.status:
+        from .study.status import format_status, study_status
+
+        print(format_status(study_status(args.config)))
+        return 0
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     study = run_study(args.config, progress=not args.no_progress, only=args.only, jobs=args.jobs,

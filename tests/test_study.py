@@ -3,6 +3,7 @@ them, the report generated from the numbers, finished arms cached, and worker pr
 
 import json
 import math
+import os
 import re
 from types import SimpleNamespace
 
@@ -516,3 +517,43 @@ def test_sigterm_to_the_study_stops_its_workers_and_they_release_their_locks(tmp
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert not list((tmp_path / "runs").glob("*/*/train.lock"))
+
+
+def test_status_reads_done_training_stopped_and_pending_arms_from_the_files(tmp_path, capsys):
+    from didicm.study.spec import _arm_run_dir, load_study
+    from didicm.training.train_loop import _process_start
+
+    arms = {"twin": STUDY["arms"]["twin"], "ensemble2": STUDY["arms"]["ensemble2"],
+            "didicm": {"model": {"name": "didicm:test_resnet"}, "predict": {"didicm": "cp:2"}}}
+    spec = dict(STUDY, arms=arms, resolutions=[8, 4], seeds=[0], output=str(tmp_path / "results"),
+                runs=str(tmp_path / "runs"))
+    _run(tmp_path, spec, "--only", "res4_ratio0.5_seed0", "--no-aggregate")
+    config = tmp_path / "status.yaml"
+    config.write_text(yaml.safe_dump(dict(spec, seeds=[0, 1])))  # seed 1 added: its cells have not run
+    loaded = load_study(config)
+    # the twin of res8 seed 1 is training now (this process holds its lock); rule: patience 2, lr_patience 1
+    running = _arm_run_dir(loaded, "twin", 8, 0.5, 1)
+    running.mkdir(parents=True)
+    (running / "train.lock").write_text(f"{os.getpid()} {_process_start(os.getpid()) or ''}".strip())
+    (running / "validation.csv").write_text("step,epoch,top1,nll_ts\n10,1.0,50,0.5\n20,2.0,60,0.4\n30,3.0,55,0.45\n")
+    # the second ensemble member of res4 seed 1 stopped part-way: a checkpoint, no live lock
+    stopped = _arm_run_dir(loaded, "twin", 4, 0.5, 1, member=1)
+    (stopped / "checkpoints").mkdir(parents=True)
+    (stopped / "checkpoints" / "step_00000010.json").write_text("{}")
+    (stopped / "train.lock").write_text("999999999 1")  # a dead owner holds nothing
+
+    capsys.readouterr()
+    assert main(["study", str(config), "--status"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].endswith("1 of 4 cells complete, 3 of 12 arms done")
+    assert "res4_ratio0.5_seed0" not in text  # complete cells are counted, not listed
+    cells = re.split(r"\n(?=res)", text)
+    res8_seed1 = next(c for c in cells if c.startswith("res8_ratio0.5_seed1"))
+    assert f"twin: training (pid {os.getpid()}), epoch 3, best nll_ts 0.4 at epoch 2, lr x0.2, stops after 1 more" \
+        in res8_seed1
+    assert "ensemble2: training: member 0 training" in res8_seed1  # member 0 of the ensemble is the twin itself
+    res4_seed1 = next(c for c in cells if c.startswith("res4_ratio0.5_seed1"))
+    assert "twin: pending" in res4_seed1
+    assert "ensemble2: stopped: member 0 pending; member 1 stopped" in res4_seed1
+    res8_seed0 = next(c for c in cells if c.startswith("res8_ratio0.5_seed0"))
+    assert "0 of 3 arms done" in res8_seed0 and "twin: pending" in res8_seed0

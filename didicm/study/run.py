@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, DidicmError
 from .cells import run_cell
-from .spec import _cell_name, load_study
+from .spec import _cell_name, grid_cells, load_study
 from .writeup import aggregate
 
 
@@ -21,10 +21,7 @@ def run_study(path: str | Path, progress: bool = True, log=print, only: list[str
     busy with the study's small networks; each worker writes its cells as they finish.
     """
     spec = load_study(path)
-    # cheapest first (pixels x data), every seed of a setting together: verdicts need two seeds, and low
-    # resolution with little data finishes in minutes, so results land early
-    grid = sorted(((r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]),
-                  key=lambda c: (c[0] * c[0] * c[1], c[0], c[2]))
+    grid = grid_cells(spec)
     if only:
         unknown = set(only) - {_cell_name(*cell) for cell in grid}
         if unknown:

@@ -112,6 +112,14 @@ def _epochs(spec: dict, ratio: float) -> float:
     return float(budget)
 
 
+def grid_cells(spec: dict) -> list[tuple[int, float, int]]:
+    """Every (resolution, data ratio, seed) cell in the order the grid runs them."""
+    # cheapest first (pixels x data), every seed of a setting together: verdicts need two seeds, and low
+    # resolution with little data finishes in minutes, so results land early
+    return sorted(((r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]),
+                  key=lambda c: (c[0] * c[0] * c[1], c[0], c[2]))
+
+
 def _cell_name(resolution: int, ratio: float, seed: int) -> str:
     return f"res{resolution}_ratio{ratio:g}_seed{seed}"
 

@@ -1,0 +1,125 @@
+"""Where a study stands, read from its files without running anything: which arms of which cells are done, which
+are training now (and how far: epoch, best validation, validations left before early stopping), which stopped
+part-way and resume from a checkpoint, and which have not started. ``didicm study CONFIG --status``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zipfile
+from pathlib import Path
+
+from ..selection import Selection
+from ..training.train_loop import _process_alive
+from .spec import _arm_config, _arm_recipe, _arm_run_dir, _cell_name, _in_cell, grid_cells, load_study
+
+
+def _prediction_keys(path: Path) -> set[str]:
+    """The array names in a cell's predictions file (read from the zip's index, not the arrays)."""
+    if not path.exists():
+        return set()
+    with zipfile.ZipFile(path) as archive:
+        return {name.removesuffix(".npy") for name in archive.namelist()}
+
+
+def _run_progress(run_dir: Path, values: dict) -> dict:
+    """An unfinished training folder: live owner, validations replayed through the arm's own selection rule."""
+    state = {"state": "pending"}
+    lock = run_dir / "train.lock"
+    if lock.exists():
+        fields = lock.read_text().split()
+        try:
+            pid, started = int(fields[0]), (fields[1] if len(fields) > 1 else None)
+        except (ValueError, IndexError):
+            pid, started = 0, None
+        if pid and _process_alive(pid, started):
+            state.update(state="training", pid=pid)
+    if state["state"] == "pending" and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        state["state"] = "stopped"  # resumes from its newest checkpoint when the study runs again
+    path = run_dir / "validation.csv"
+    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    if rows:
+        optim = values.get("optim", {})
+        selection = Selection(metric=values.get("eval", {}).get("select", "nll_ts"),
+                              patience=int(optim.get("patience", 0)), lr_patience=int(optim.get("lr_patience", 0)),
+                              lr_decay=float(optim.get("lr_decay", 0.2)),
+                              min_delta=float(optim.get("min_delta", 0.0)))
+        for row in rows:
+            selection.update(int(row["step"]), float(row["epoch"]), {k: float(v) for k, v in row.items() if v})
+        if state["state"] == "pending":
+            state["state"] = "stopped"
+        state.update(epoch=float(rows[-1]["epoch"]), best_epoch=selection.best_epoch, metric=selection.metric,
+                     best_value=selection.best_value, lr_scale=selection.lr_scale,
+                     left=(selection.patience - selection.since_best) if selection.patience else None)
+    return state
+
+
+def study_status(path: str | Path) -> dict:
+    """Every cell of the study at ``path`` in the grid's order, each arm's state: done (with its epochs and wall
+    time), training, stopped (resumes) or pending."""
+    spec = load_study(path)
+    out = Path(spec["output"])
+    cells = []
+    for resolution, ratio, seed in grid_cells(spec):
+        name = _cell_name(resolution, ratio, seed)
+        cell_path = out / "cells" / f"{name}.json"
+        record = json.loads(cell_path.read_text()) if cell_path.exists() else {}
+        keys = _prediction_keys(out / "predictions" / f"{name}.npz")
+        arms = {}
+        for arm_name, arm in spec["arms"].items():
+            if not _in_cell(spec, arm, resolution, ratio):
+                continue
+            cached = record.get("arms", {}).get(arm_name, {})
+            rows = [arm_name] if "ensemble" in arm else list(arm["predict"])
+            if (cached.get("recipe") == _arm_recipe(spec, arm_name, resolution, ratio, seed)
+                    and all(f"test_{row}" in keys for row in rows)):
+                arms[arm_name] = {"state": "done", "epochs_run": cached.get("epochs_run"),
+                                  "best_epoch": cached.get("best_epoch"), "wall_seconds": cached.get("wall_seconds")}
+                continue
+            of, members = ((arm["ensemble"]["of"], int(arm["ensemble"]["members"])) if "ensemble" in arm
+                           else (arm_name, 1))
+            progress = [_run_progress(_arm_run_dir(spec, of, resolution, ratio, seed, m),
+                                      _arm_config(spec, of, resolution, ratio, seed, m)) for m in range(members)]
+            if members == 1:
+                arms[arm_name] = progress[0]
+            else:
+                states = [p["state"] for p in progress]
+                state = next((s for s in ("training", "stopped") if s in states), "pending")
+                arms[arm_name] = {"state": state, "members": progress}
+        cells.append({"cell": name, "arms": arms})
+    return {"config": str(path), "cells": cells}
+
+
+def _describe(arm: dict) -> str:
+    if arm["state"] == "done":
+        wall = arm.get("wall_seconds")
+        epochs = arm.get("epochs_run")
+        epochs = "/".join(f"{e:g}" for e in epochs) if isinstance(epochs, list) else (
+            f"{epochs:g}" if epochs is not None else "?")
+        return f"done ({epochs} epochs" + (f", {wall:.0f} s)" if wall is not None else ")")
+    if "members" in arm:
+        return arm["state"] + ": " + "; ".join(f"member {m} {_describe(p)}" for m, p in enumerate(arm["members"]))
+    text = arm["state"] + (f" (pid {arm['pid']})" if "pid" in arm else "")
+    if "epoch" in arm:
+        text += (f", epoch {arm['epoch']:.3g}, best {arm['metric']} {arm['best_value']:.5g} at epoch "
+                 f"{arm['best_epoch']:.3g}, lr x{arm['lr_scale']:.3g}")
+        if arm["left"] is not None:
+            text += f", stops after {arm['left']} more validation(s) without improvement"
+    return text
+
+
+def format_status(status: dict) -> str:
+    """A line per unfinished arm, grouped by cell, and a count of what is done."""
+    lines, done, total, complete = [], 0, 0, 0
+    for cell in status["cells"]:
+        arms = cell["arms"]
+        finished = sum(a["state"] == "done" for a in arms.values())
+        done, total = done + finished, total + len(arms)
+        if finished == len(arms):
+            complete += 1
+            continue
+        lines.append(f"{cell['cell']}: {finished} of {len(arms)} arms done")
+        lines += [f"  {name}: {_describe(arm)}" for name, arm in arms.items() if arm["state"] != "done"]
+    head = (f"{status['config']}: {complete} of {len(status['cells'])} cells complete, {done} of {total} arms "
+            f"done")
+    return "\n".join([head, *lines])
