@@ -211,7 +211,8 @@ def test_the_recommended_default_is_the_cheapest_row_not_worse_than_the_headline
     costs = {"didicm": 8.0, "didicm_cp1": 1.0, "didicm_s1": 1.5, "didicm_cp2": 2.0, "didicm_cp4": 4.0,
              "twin": 1.0, "didicm_cp16": 16.0}
     lines = _recommendation(summary, costs, "setting")
-    assert summary["recommendation"] == {"row": "didicm_cp2", "cost": 2.0, "headline_cost": 8.0, "seeds": 2}
+    assert summary["recommendation"] == {"row": "didicm_cp2", "cost": 2.0, "headline_cost": 8.0, "seeds": 2,
+                                         "not_run": []}
     assert "`didicm_cp2`" in lines[0] and "+0.30 ± 0.40 (tie)" in lines[0]
     table = lines[2]
     assert "didicm_cp16" not in table and "| twin " not in table
@@ -220,7 +221,22 @@ def test_the_recommended_default_is_the_cheapest_row_not_worse_than_the_headline
     # one seed: nothing counts as a match
     single = {"seeds": [0], "rows": {"didicm": {}}, "gaps": {"didicm_cp2": _gap((0.3, 0.0), (0.0, 0.0), n=1)}}
     lines = _recommendation(single, costs, "setting")
-    assert single["recommendation"]["row"] is None and lines[0].startswith("No cheaper DiDiCM row")
+    assert single["recommendation"]["row"] is None and lines[0].startswith("No cheaper DiDiCM row matches")
+
+    # options the config places here but that have not run with every seed are named, not read as failures
+    lines = _recommendation(single, costs, "setting", not_run=["didicm_s0", "didicm_hybrid_mean"])
+    assert single["recommendation"]["not_run"] == ["didicm_s0", "didicm_hybrid_mean"]
+    assert lines[0].startswith("No cheaper DiDiCM row run so far matches")
+    assert "so not considered: `didicm_s0`, `didicm_hybrid_mean`." in lines[0]
+
+
+def test_a_spread_that_would_print_as_zero_gets_more_decimals():
+    from didicm.study.summary import plus_minus
+    assert plus_minus({"mean": 0.0341, "std": 0.0035}, 2, signed=True) == "+0.034 ± 0.004"
+    assert plus_minus({"mean": 0.0241, "std": 0.0001}, 3, signed=True) == "+0.0241 ± 0.0001"
+    assert plus_minus({"mean": 1.5, "std": 0.25}, 2) == "1.50 ± 0.25"  # a visible spread keeps its digits
+    assert plus_minus({"mean": 2.0, "std": 0.0}, 2) == "2.00 ± 0.00"  # one seed: no spread to show
+    assert plus_minus({"mean": 2.0, "std": 1e-9}, 2) == "2.00000 ± 0.00000"  # at most three more decimals
 
 
 def test_secondary_didicm_rows_are_compared_with_the_twin_and_the_best_control_seed_by_seed():
@@ -326,9 +342,22 @@ def test_ood_gaps_favour_the_higher_auroc_and_are_counted_over_settings():
         by_res[7]["auroc_digits_maxprob"]["mean"] == pytest.approx(0.105)
     assert by_res[7]["auroc_noise_maxprob"]["verdict"] == "loss"
     assert by_res[14]["auroc_digits_maxprob"]["verdict"] == "loss"
-    lines = _ood_counts({"summary": summaries}, "DiDiCM CP-8")
-    assert "- against `twin`: digits: wins in 1, ties in 0, loses in 1 (1 with one seed); noisy images: wins in 1, " \
-           "ties in 0, loses in 1 (1 with one seed)." in lines
+    spec = {"arms": {"twin": {"predict": {"twin": "classifier"}}, "didicm": {"predict": {"didicm": "cp:8"}}}}
+    lines = _ood_counts(spec, {"summary": summaries}, "DiDiCM CP-8")
+    assert "network passes an image in brackets, DiDiCM CP-8: 8" in lines[0]
+    assert "- against `twin` (1): digits: wins in 1, ties in 0, loses in 1 (1 with one seed); noisy images: wins in " \
+           "1, ties in 0, loses in 1 (1 with one seed)." in lines
+
+
+def test_network_passes_are_read_from_each_rows_sampler():
+    from didicm.study.writeup import _network_passes
+    spec = {"arms": {"twin_aug": {"predict": {"twin_aug": "classifier", "twin_aug_tta8": "tta:8"}},
+                     "ensemble4": {"ensemble": {"of": "twin", "members": 4}},
+                     "didicm": {"predict": {"didicm": "cp:8", "didicm_cl8x10": "cl:8x10", "didicm_mean": "mean"}},
+                     "dc": {"predict": {"dc": "dc:100"}}}}
+    assert [_network_passes(spec, row) for row in ("twin_aug", "twin_aug_tta8", "ensemble4", "didicm",
+                                                   "didicm_cl8x10", "didicm_mean", "dc", "unknown")] == \
+        [1, 8, 4, 8, 80, 1, None, None]
 
 
 def test_where_places_an_arm_in_the_settings_it_names():

@@ -23,8 +23,8 @@ from ..report import (
 )
 from .cells import _load_predictions
 from .scores import _as_saved
-from .spec import HEADLINE, SIGNALS, _cell_name
-from .summary import _best_control, _cell_cost, _controls, _recommendation, _summaries, row_costs
+from .spec import HEADLINE, SIGNALS, _cell_name, _in_cell
+from .summary import _best_control, _cell_cost, _controls, _recommendation, _summaries, plus_minus, row_costs
 
 
 def aggregate(spec: dict, command: str) -> dict:
@@ -122,7 +122,11 @@ def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], 
         rows = {}
         for cell_rows in summary.get("_rows", []):
             rows.update(cell_rows)
-        costs = row_costs(spec, key[0], rows)
+        # DiDiCM options the config places here, run or not: a row still missing is named by the recommendation
+        options = {row: {"arm": name, "sampler": sampler} for name, arm in spec["arms"].items()
+                   if name.startswith(HEADLINE) and arm.get("role") != "ablation" and _in_cell(spec, arm, *key)
+                   for row, sampler in arm.get("predict", {}).items()}
+        costs = row_costs(spec, key[0], {**options, **rows})
         table, points = [], {}
         for row, stats in sorted(summary["rows"].items(), key=lambda kv: costs.get(kv[0], 0)):
             if "nll_ts" not in stats or row not in costs:
@@ -135,14 +139,16 @@ def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], 
                                               "seeds; cost per image in passes of the twin, by counted FLOPs)"), ""]
         ablations = frozenset(row for arm in spec["arms"].values() if arm.get("role") == "ablation"
                               for row in arm.get("predict", {}))
-        lines += _recommendation(summary, costs, title, exclude=ablations)
+        not_run = [row for row in options if summary["rows"].get(row, {}).get("seeds", 0) < len(spec["seeds"])
+                   and HEADLINE in costs and costs[row] < costs[HEADLINE]]
+        lines += _recommendation(summary, costs, title, exclude=ablations, not_run=not_run)
         name = f"frontier_res{key[0]}_ratio{key[1]:g}.png"
         figures.append(str(plot_frontier(points, out / name, title=f"frontier: {title}")))
     return lines, figures
 
 
 def _fmt(stat: dict, digits: int = 2) -> str:
-    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    return f"{plus_minus(stat, digits)}"
 
 
 def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) -> str:
@@ -179,7 +185,7 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
         lines += [markdown_table(rows, title=f"{key} (test split, mean ± std over seeds)"), ""]
         if summary["gaps"]:
             gap_rows = [{"DiDiCM minus": row,
-                         **{f"{label} gap": f"{g[m]['mean']:+.3f} ± {g[m]['std']:.3f} ({g[m]['verdict']})"
+                         **{f"{label} gap": f"{plus_minus(g[m], 3, signed=True)} ({g[m]['verdict']})"
                             for m, label in (("top1", "top1"), ("nll_ts", "nll_ts"), ("ece_ts", "ece_ts"),
                                              ("auroc_digits_maxprob", "OOD digits AUROC"),
                                              ("auroc_noise_maxprob", "OOD noise AUROC")) if m in g}}
@@ -192,7 +198,7 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
               "out-of-distribution detection (AUROC against scikit-learn's digits and against test images under heavy "
               "noise; 0.5 is chance). `settle` (how late the CP trajectory's top class settles) and `path_entropy` "
               "(the entropy averaged along the trajectory) are DiDiCM's own signals.", ""] + \
-        _ood_counts(study, _headline_label(spec)) + _signal_tables(summaries)
+        _ood_counts(spec, study, _headline_label(spec)) + _signal_tables(summaries)
     lines += ["## The accuracy-compute frontier", ""] + frontier + [""] + _training_table(cells)
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -221,9 +227,24 @@ def _headline_label(spec: dict) -> str:
     return "DiDiCM " + sampler.split(":")[0].upper() + "-" + ":".join(sampler.split(":")[1:])
 
 
-def _ood_counts(study: dict, headline: str) -> list[str]:
+def _network_passes(spec: dict, row: str) -> int | None:
+    """Network passes an image for a row, read from its sampler (an ensemble: its members); None when not passes of
+    one network (the Diffusion Classifier's UNet)."""
+    for name, arm in spec["arms"].items():
+        if "ensemble" in arm and name == row:
+            return int(arm["ensemble"]["members"])
+        if row in arm.get("predict", {}):
+            parsed = parse_sampler(arm["predict"][row])
+            if parsed.kind == "dc":
+                return None
+            return parsed.steps * (parsed.chains if parsed.kind == "cl" else 1)
+    return None
+
+
+def _ood_counts(spec: dict, study: dict, headline: str) -> list[str]:
     """How often the headline's max-probability OOD detection beats each control's, over the settings (the
-    per-setting gaps are in the gap tables)."""
+    per-setting gaps are in the gap tables), with each row's network passes: the compute-matched control is the one
+    with as many as the headline."""
     tallies: dict[str, dict[str, Counter]] = {}
     for summary in study["summary"]:
         for row, gap in summary["gaps"].items():
@@ -234,14 +255,18 @@ def _ood_counts(study: dict, headline: str) -> list[str]:
                     tallies.setdefault(row, {}).setdefault(metric, Counter())[gap[metric]["verdict"]] += 1
     if not tallies:
         return []
+    own = _network_passes(spec, HEADLINE)
     lines = [f"OOD detection by the max-probability score, {headline} minus each control (AUROC; a setting counts "
-             "only beyond two seed standard deviations):", ""]
+             f"only beyond two seed standard deviations; network passes an image in brackets, {headline}: {own}):",
+             ""]
     for row, by_metric in sorted(tallies.items(), key=lambda kv: (kv[0] != "twin", kv[0])):
         parts = []
         for metric, label in (("auroc_digits_maxprob", "digits"), ("auroc_noise_maxprob", "noisy images")):
             if metric in by_metric:
                 parts.append(f"{label}: {_verdict_counts(by_metric[metric])}")
-        lines.append(f"- against `{row}`: " + "; ".join(parts) + ".")
+        passes = _network_passes(spec, row)
+        lines.append(f"- against `{row}`" + (f" ({passes})" if passes is not None else "") + ": " + "; ".join(parts)
+                     + ".")
     return lines + [""]
 
 
@@ -284,27 +309,27 @@ def _findings(study: dict, headline: str) -> list[str]:
         best = _best_control(summary)
         seeds = len(summary["seeds"])
         text = (f"- **{key}** ({seeds} seed{'s' if seeds > 1 else ''}): {headline} minus twin, top-1 "
-                f"{twin['top1']['mean']:+.2f} ± {twin['top1']['std']:.2f} points ({twin['top1']['verdict']}), "
-                f"NLL after temperature scaling {twin['nll_ts']['mean']:+.3f} ± {twin['nll_ts']['std']:.3f} "
+                f"{plus_minus(twin['top1'], 2, signed=True)} points ({twin['top1']['verdict']}), "
+                f"NLL after temperature scaling {plus_minus(twin['nll_ts'], 3, signed=True)} "
                 f"({twin['nll_ts']['verdict']})")
         if best and best != "twin":
             b = gaps[best]
-            text += (f"; against the best control (`{best}`), top-1 {b['top1']['mean']:+.2f} ± {b['top1']['std']:.2f}"
-                     f" ({b['top1']['verdict']}), NLL after scaling {b['nll_ts']['mean']:+.3f} ± "
-                     f"{b['nll_ts']['std']:.3f} ({b['nll_ts']['verdict']})")
+            text += (f"; against the best control (`{best}`), top-1 {plus_minus(b['top1'], 2, signed=True)}"
+                     f" ({b['top1']['verdict']}), NLL after scaling {plus_minus(b['nll_ts'], 3, signed=True)} "
+                     f"({b['nll_ts']['verdict']})")
         head = summary["rows"].get(HEADLINE, {})
         if "at_floor" in head and head["at_floor"]["mean"] > 0:
             text += (f". {headline} gives the true class probability 0 (the NLL floor, {-math.log(NLL_FLOOR):.2f} "
                      "nats an image) on "
-                     f"{head['at_floor']['mean']:.2f} ± {head['at_floor']['std']:.2f}% of test images, "
-                     f"{head['nll_at_floor']['mean']:.3f} ± {head['nll_at_floor']['std']:.3f} nats of its NLL before "
+                     f"{plus_minus(head['at_floor'], 2)}% of test images, "
+                     f"{plus_minus(head['nll_at_floor'], 3)} nats of its NLL before "
                      "scaling")
         exponential = exponential_rows.get((summary["resolution"], summary["data_ratio"]))
         if exponential in gaps:
             e = gaps[exponential]
             text += (f"; minus the same network with the exponential update (`{exponential}`): top-1 "
-                     f"{e['top1']['mean']:+.2f} ± {e['top1']['std']:.2f} ({e['top1']['verdict']}), NLL after "
-                     f"scaling {e['nll_ts']['mean']:+.3f} ± {e['nll_ts']['std']:.3f} ({e['nll_ts']['verdict']})")
+                     f"{plus_minus(e['top1'], 2, signed=True)} ({e['top1']['verdict']}), NLL after "
+                     f"scaling {plus_minus(e['nll_ts'], 3, signed=True)} ({e['nll_ts']['verdict']})")
         out.append(text + ".")
     if not out:
         out.append("- No cell has both DiDiCM and its twin yet.")
@@ -319,7 +344,7 @@ def _verdict_counts(tally: Counter) -> str:
 
 def _gap_text(gap: dict, metric: str) -> str:
     digits = 2 if metric == "top1" else 3
-    return f"{gap[metric]['mean']:+.{digits}f} ± {gap[metric]['std']:.{digits}f} ({gap[metric]['verdict']})"
+    return f"{plus_minus(gap[metric], digits, signed=True)} ({gap[metric]['verdict']})"
 
 
 def _secondary(study: dict, headline: str) -> list[str]:
