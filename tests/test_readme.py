@@ -100,3 +100,19 @@ def test_every_study_number_in_the_readme_is_copied_from_the_generated_report():
     assert [n for n in numbers if not re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", report)] == []
     pairs = re.findall(r"([+-]?\d+\.\d+) ± (\d+\.\d+)", section)
     assert pairs and [p for p in pairs if f"{p[0]} ± {p[1]}" not in report] == []
+
+
+def test_every_verdict_quoted_in_the_readme_study_section_follows_the_two_sd_rule():
+    """A gap the README calls a tie must lie within two seed standard deviations, and a win or loss beyond them
+    (rounded numbers get half a unit of their last digit of slack), so a hand-written verdict cannot drift."""
+    section = README.split("## The uncertainty study", 1)[1].split("\n## ", 1)[0]
+    quoted = re.findall(r"([+-]?\d+\.(\d+)) ± (\d+\.\d+)[ ,;(]*(?:a |an )?(win|loss|tie)\b", section)
+    assert len(quoted) >= 10, "the study section quotes verdicts"
+    wrong = []
+    for mean, decimals, std, verdict in quoted:
+        slack = 0.5 * 10 ** -len(decimals)
+        low, high = abs(float(mean)) - slack, abs(float(mean)) + slack
+        inside_for_sure, outside_for_sure = high <= 2 * (float(std) - slack), low > 2 * (float(std) + slack)
+        if (verdict == "tie" and outside_for_sure) or (verdict != "tie" and inside_for_sure):
+            wrong.append(f"{mean} ± {std} ({verdict})")
+    assert wrong == []
