@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -401,9 +402,12 @@ def _raise_terminated(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.formatwarning = _one_line_warning
-    # the default SIGTERM action ends the process without unwinding, leaving locks behind (`kill`, job schedulers)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    # the default SIGTERM action ends the process without unwinding, leaving locks behind (`kill`, job schedulers).
+    # Not under torchrun with several processes: a rank blocked in a collective cannot unwind, and torchrun's own
+    # SIGTERM-then-SIGKILL shutdown of the group should stay immediate
+    catch = (threading.current_thread() is threading.main_thread()
+             and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if catch else None
     try:
         return COMMANDS[args.command](args)
     except DidicmError as error:
@@ -415,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return code
     finally:
-        if in_main_thread:
+        if catch and previous is not None:  # None: a handler installed outside Python, which cannot be restored
             signal.signal(signal.SIGTERM, previous)
 
 

@@ -70,6 +70,19 @@ def test_log_csv_stays_one_row_per_step_across_a_resume(tmp_path, capsys):
     with (tmp_path / "log.csv").open() as handle:
         steps = [int(row["step"]) for row in csv.DictReader(handle)]
     assert steps == [10, 20]
+
+    # validation.csv too: a run stopped after writing a validation's row but before its checkpoint landed
+    # validates that step again on resume, and the row is not doubled
+    values.update(eval_every=5, eval={"select": "nll"}, output=str(tmp_path / "validated"))
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(values), progress=False, fault_after_steps=10)  # validations at 5 and 10
+    newest = sorted((tmp_path / "validated" / "checkpoints").glob("step_*.json"))[-1]
+    assert newest.name == "step_00000010.json"
+    newest.unlink()  # as if the process died while saving it
+    train(config_from_dict(values), resume=True, progress=False)
+    with (tmp_path / "validated" / "validation.csv").open() as handle:
+        steps = [int(row["step"]) for row in csv.DictReader(handle)]
+    assert steps == [5, 10, 15, 20]
     first = capsys.readouterr().out.splitlines()[0]  # the start-up line: model, size, steps, device
     assert "didirn18_twin (width 4, stem small)" in first and "input 1x8x8" in first and "20 steps of 16" in first
 

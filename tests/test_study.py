@@ -227,7 +227,7 @@ def test_the_recommended_default_is_the_cheapest_row_not_worse_than_the_headline
     lines = _recommendation(single, costs, "setting", not_run=["didicm_s0", "didicm_hybrid_mean"])
     assert single["recommendation"]["not_run"] == ["didicm_s0", "didicm_hybrid_mean"]
     assert lines[0].startswith("No cheaper DiDiCM row run so far matches")
-    assert "so not considered: `didicm_s0`, `didicm_hybrid_mean`." in lines[0]
+    assert "Not run here with two seeds yet, so not considered: `didicm_s0`, `didicm_hybrid_mean`." in lines[0]
 
 
 def test_a_spread_that_would_print_as_zero_gets_more_decimals():
@@ -512,6 +512,12 @@ def test_an_arms_commit_is_dirty_for_code_changes_but_not_for_the_studys_own_res
 
     (tmp_path / "code.py").write_text("x = 2\n")
     assert _commit("results") == head + "-dirty"
+    git("checkout", "--", "code.py")
+    # code moved into the output folder left the code: a rename counts by both its sides
+    git("mv", "code.py", "results/code with spaces.py")
+    assert _commit("results") == head + "-dirty"
+    git("mv", "results/code with spaces.py", "code.py")
+    assert _commit("results") == head
     monkeypatch.setenv("DIDICM_COMMIT", "abc123")
     assert _commit("results") == "abc123"
 
@@ -564,7 +570,13 @@ def test_status_reads_done_training_stopped_and_pending_arms_from_the_files(tmp_
     running = _arm_run_dir(loaded, "twin", 8, 0.5, 1)
     running.mkdir(parents=True)
     (running / "train.lock").write_text(f"{os.getpid()} {_process_start(os.getpid()) or ''}".strip())
-    (running / "validation.csv").write_text("step,epoch,top1,nll_ts\n10,1.0,50,0.5\n20,2.0,60,0.4\n30,3.0,55,0.45\n")
+    # step 20 twice (validated again after a crash before its checkpoint) and a half-written last line
+    (running / "validation.csv").write_text("step,epoch,top1,nll_ts\n10,1.0,50,0.5\n20,2.0,60,0.4\n20,2.0,60,0.4\n"
+                                            "30,3.0,55,0.45\n40,4.0,")
+    # the DiDiCM arm of res8 seed 1 finished training; its predictions wait for the study to reach the cell
+    trained = _arm_run_dir(loaded, "didicm", 8, 0.5, 1)
+    trained.mkdir(parents=True)
+    (trained / "metrics.json").write_text("{}")
     # the second ensemble member of res4 seed 1 stopped part-way: a checkpoint, no live lock
     stopped = _arm_run_dir(loaded, "twin", 4, 0.5, 1, member=1)
     (stopped / "checkpoints").mkdir(parents=True)
@@ -581,6 +593,7 @@ def test_status_reads_done_training_stopped_and_pending_arms_from_the_files(tmp_
     assert f"twin: training (pid {os.getpid()}), epoch 3, best nll_ts 0.4 at epoch 2, lr x0.2, stops after 1 more" \
         in res8_seed1
     assert "ensemble2: training: member 0 training" in res8_seed1  # member 0 of the ensemble is the twin itself
+    assert "didicm: trained, predictions pending" in res8_seed1
     res4_seed1 = next(c for c in cells if c.startswith("res4_ratio0.5_seed1"))
     assert "twin: pending" in res4_seed1
     assert "ensemble2: stopped: member 0 pending; member 1 stopped" in res4_seed1

@@ -53,11 +53,27 @@ def _run_workers(path: str | Path, names: list[str], jobs: int, log) -> None:
     try:
         failed = [i for i, w in enumerate(workers) if w.wait() != 0]
     except BaseException:  # Ctrl-C or SIGTERM to this process alone: stop the workers too, so none trains unseen
-        for worker in workers:
-            if worker.poll() is None:
-                worker.terminate()
-        for worker in workers:
-            worker.wait()
+        _stop(workers)
         raise
     if failed:
         raise DidicmError(f"study workers {failed} failed (their finished arms are kept; re-run to continue)")
+
+
+def _stop(workers: list, grace: float = 60.0) -> None:
+    """SIGTERM the workers still running (Ctrl-C in a terminal has already reached them: give those a moment to
+    finish unwinding first), wait up to ``grace`` seconds for them to release their locks, then SIGKILL the rest."""
+    import time
+
+    deadline = time.monotonic() + 2.0
+    while any(w.poll() is None for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for worker in workers:
+        if worker.poll() is None:
+            worker.terminate()
+    deadline = time.monotonic() + grace
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()

@@ -179,15 +179,25 @@ def _commit(ignore: str | Path | None = None) -> str:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
         top = Path(subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True,
                                   check=True).stdout.strip())
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=no"], capture_output=True,
                                 text=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    # -z: 'XY path' entries from the top level, unquoted, NUL-separated; a rename or copy is followed by its source,
+    # and both sides count (code moved out of the repository's code into the output folder is a change)
+    changed, entries = [], iter(status.split("\0"))
+    for entry in entries:
+        if len(entry) > 3:
+            changed.append(entry[3:])
+            if "R" in entry[:2] or "C" in entry[:2]:
+                changed.append(next(entries, ""))
     skip = Path(ignore).resolve() if ignore is not None else None
-    # porcelain v1 lines: two status letters, a space, the path from the top level ("old -> new" for renames)
-    changed = [top / line[3:].split(" -> ")[-1].strip('"') for line in status.splitlines() if len(line) > 3]
-    dirty = [path for path in changed if skip is None or not path.resolve().is_relative_to(skip)]
-    return head + ("-dirty" if dirty else "")
+
+    def counts(path: str) -> bool:  # the folder is resolved, not the file: a tracked symlink counts where it lies
+        where = top / path
+        return skip is None or not (where.parent.resolve() / where.name).is_relative_to(skip)
+
+    return head + ("-dirty" if any(counts(path) for path in changed if path) else "")
 
 
 def _arm_run_dir(spec: dict, name: str, resolution: int, ratio: float, seed: int, member: int = 0) -> Path:

@@ -1,6 +1,7 @@
 """Where a study stands, read from its files without running anything: which arms of which cells are done, which
-are training now (and how far: epoch, best validation, validations left before early stopping), which stopped
-part-way and resume from a checkpoint, and which have not started. ``didicm study CONFIG --status``."""
+are training now (and how far: epoch, best validation, validations left before early stopping), which finished
+training but wait for their predictions, which stopped part-way and resume from a checkpoint, and which have not
+started. ``didicm study CONFIG --status``."""
 
 from __future__ import annotations
 
@@ -34,21 +35,34 @@ def _run_progress(run_dir: Path, values: dict) -> dict:
             pid, started = 0, None
         if pid and _process_alive(pid, started):
             state.update(state="training", pid=pid)
-    if state["state"] == "pending" and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+    checkpoints = run_dir / "checkpoints"
+    if state["state"] == "pending" and (run_dir / "metrics.json").exists():
+        state["state"] = "trained"  # its predictions are made when the study next reaches the cell
+    elif state["state"] == "pending" and checkpoints.is_dir() and any(checkpoints.iterdir()):
         state["state"] = "stopped"  # resumes from its newest checkpoint when the study runs again
+    rows = {}  # by step, the last row kept (a step validated again after a crash); a half-written row is skipped
     path = run_dir / "validation.csv"
-    rows = list(csv.DictReader(path.open())) if path.exists() else []
+    if path.exists():
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                try:
+                    rows[int(row["step"])] = (float(row["epoch"]), {k: float(v) for k, v in row.items()})
+                except (KeyError, TypeError, ValueError):  # a short row's missing fields read None
+                    continue
     if rows:
         optim = values.get("optim", {})
         selection = Selection(metric=values.get("eval", {}).get("select", "nll_ts"),
                               patience=int(optim.get("patience", 0)), lr_patience=int(optim.get("lr_patience", 0)),
                               lr_decay=float(optim.get("lr_decay", 0.2)),
                               min_delta=float(optim.get("min_delta", 0.0)))
-        for row in rows:
-            selection.update(int(row["step"]), float(row["epoch"]), {k: float(v) for k, v in row.items() if v})
+        try:
+            for step in sorted(rows):
+                selection.update(step, rows[step][0], rows[step][1])
+        except KeyError:  # the arm selects by a metric its log lacks: report where it is, not its selection
+            return {**state, "epoch": rows[max(rows)][0]}
         if state["state"] == "pending":
             state["state"] = "stopped"
-        state.update(epoch=float(rows[-1]["epoch"]), best_epoch=selection.best_epoch, metric=selection.metric,
+        state.update(epoch=rows[max(rows)][0], best_epoch=selection.best_epoch, metric=selection.metric,
                      best_value=selection.best_value, lr_scale=selection.lr_scale,
                      left=(selection.patience - selection.since_best) if selection.patience else None)
     return state
@@ -56,7 +70,7 @@ def _run_progress(run_dir: Path, values: dict) -> dict:
 
 def study_status(path: str | Path) -> dict:
     """Every cell of the study at ``path`` in the grid's order, each arm's state: done (with its epochs and wall
-    time), training, stopped (resumes) or pending."""
+    time), training, trained (its predictions not yet made), stopped (resumes) or pending."""
     spec = load_study(path)
     out = Path(spec["output"])
     cells = []
@@ -84,7 +98,7 @@ def study_status(path: str | Path) -> dict:
                 arms[arm_name] = progress[0]
             else:
                 states = [p["state"] for p in progress]
-                state = next((s for s in ("training", "stopped") if s in states), "pending")
+                state = next((s for s in ("training", "stopped", "trained") if s in states), "pending")
                 arms[arm_name] = {"state": state, "members": progress}
         cells.append({"cell": name, "arms": arms})
     return {"config": str(path), "cells": cells}
@@ -100,10 +114,14 @@ def _describe(arm: dict) -> str:
     if "members" in arm:
         return arm["state"] + ": " + "; ".join(f"member {m} {_describe(p)}" for m, p in enumerate(arm["members"]))
     text = arm["state"] + (f" (pid {arm['pid']})" if "pid" in arm else "")
+    if arm["state"] == "trained":
+        text += ", predictions pending"
     if "epoch" in arm:
-        text += (f", epoch {arm['epoch']:.3g}, best {arm['metric']} {arm['best_value']:.5g} at epoch "
-                 f"{arm['best_epoch']:.3g}, lr x{arm['lr_scale']:.3g}")
-        if arm["left"] is not None:
+        text += f", epoch {arm['epoch']:.3g}"
+    if "best_value" in arm:
+        text += (f", best {arm['metric']} {arm['best_value']:.5g} at epoch {arm['best_epoch']:.3g}, "
+                 f"lr x{arm['lr_scale']:.3g}")
+        if arm["state"] != "trained" and arm["left"] is not None and arm["left"] > 0:
             text += f", stops after {arm['left']} more validation(s) without improvement"
     return text
 

@@ -166,8 +166,9 @@ def _recommendation(summary: dict, costs: dict, title: str, exclude: frozenset =
     """Issue 15's default: the cheapest DiDiCM row that matches the headline (CP-8 of the full network) within seed
     noise, i.e. the headline beats it beyond seed noise in neither top-1 nor temperature-scaled NLL; stored in the
     summary (study.json) and written from it, with what every cheaper row saves and costs.
-    ``exclude``: rows that are not options (ablation arms' rows); ``not_run``: options the config places in this
-    setting that have not run with every seed yet, named so that a missing row is not read as a failed one."""
+    ``exclude``: rows that are not options (ablation arms' rows); ``not_run``: cheaper options the config places in
+    this setting that lack two seeds paired with the headline's, named so that a missing row is not read as a
+    failed one."""
     if HEADLINE not in costs or HEADLINE not in summary["rows"]:
         return []
     head_cost = costs[HEADLINE]
@@ -190,7 +191,7 @@ def _recommendation(summary: dict, costs: dict, title: str, exclude: frozenset =
                                  "headline_cost": round(head_cost, 2), "seeds": seeds, "not_run": list(not_run)}
     if not table:
         return []
-    pending = (f" Not run here with every seed yet, so not considered: {', '.join(f'`{r}`' for r in not_run)}."
+    pending = (f" Not run here with two seeds yet, so not considered: {', '.join(f'`{r}`' for r in not_run)}."
                if not_run else "")
     if match:
         gap = summary["gaps"][match]

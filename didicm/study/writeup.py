@@ -139,8 +139,9 @@ def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], 
                                               "seeds; cost per image in passes of the twin, by counted FLOPs)"), ""]
         ablations = frozenset(row for arm in spec["arms"].values() if arm.get("role") == "ablation"
                               for row in arm.get("predict", {}))
-        not_run = [row for row in options if summary["rows"].get(row, {}).get("seeds", 0) < len(spec["seeds"])
-                   and HEADLINE in costs and costs[row] < costs[HEADLINE]]
+        # the recommendation's own test: a row counts once it has two seeds paired with the headline's
+        not_run = [row for row in options if HEADLINE in costs and costs[row] < costs[HEADLINE]
+                   and summary["gaps"].get(row, {}).get("top1", {}).get("n", 0) < 2]
         lines += _recommendation(summary, costs, title, exclude=ablations, not_run=not_run)
         name = f"frontier_res{key[0]}_ratio{key[1]:g}.png"
         figures.append(str(plot_frontier(points, out / name, title=f"frontier: {title}")))

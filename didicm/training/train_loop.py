@@ -77,7 +77,8 @@ def _write_csv_row(path: Path, row: dict) -> None:
 
 
 def _truncate_log(path: Path, last_step: int) -> None:
-    """Drop log.csv rows past ``last_step``: a resumed run writes them again, so the log stays one row per step."""
+    """Drop a CSV log's rows past ``last_step``: a resumed run writes them again, so the log stays one row per
+    step."""
     if not path.exists():
         return
     with path.open(newline="") as handle:
@@ -123,9 +124,25 @@ def run_lock(run_dir: Path, enabled: bool = True):
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "train.lock"
+    # the lock appears with its content (written to a private file, then hard-linked into place), so a reader never
+    # sees an empty lock and takes it for a dead one
+    mine = run_dir / f".train.lock.{os.getpid()}"
+    mine.write_text(f"{os.getpid()} {_process_start(os.getpid()) or ''}".strip())
+    try:
+        _take_lock(mine, path, run_dir)
+    finally:
+        mine.unlink(missing_ok=True)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _take_lock(mine: Path, path: Path, run_dir: Path) -> None:
     for _ in range(3):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(mine, path)
+            return
         except FileExistsError:
             try:
                 fields = path.read_text().split()
@@ -136,16 +153,15 @@ def run_lock(run_dir: Path, enabled: bool = True):
                 raise ConfigError(f"{run_dir} is being trained by process {owner} (its lock: {path}); wait for it, "
                                   "stop it, or train into another output folder") from None
             path.unlink(missing_ok=True)  # left by a process that is gone
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{os.getpid()} {_process_start(os.getpid()) or ''}".strip())
-        break
-    else:
-        raise ConfigError(f"could not take the training lock {path}")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+        except OSError:  # a file system without hard links: create it exclusively, then write
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(mine.read_text())
+            return
+    raise ConfigError(f"could not take the training lock {path}")
 
 
 def _process_start(pid: int) -> str | None:
@@ -290,6 +306,8 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log, fault_after_s
     writer = _open_tensorboard(run_dir) if main else None
     if main:
         _truncate_log(log_path, start_step)
+        # a validation row is written before its checkpoint: one whose checkpoint never landed is validated again
+        _truncate_log(run_dir / "validation.csv", start_step)
         parameters = sum(p.numel() for p in model.parameters())
         options = ", ".join(f"{k} {v}" for k, v in cfg.model.kwargs.items())
         where = device_name(model) + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
