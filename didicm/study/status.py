@@ -10,8 +10,8 @@ import json
 import zipfile
 from pathlib import Path
 
-from ..selection import Selection
-from ..training.train_loop import _process_alive
+from ..config import config_from_dict
+from ..training.train_loop import lock_owner, selection_for
 from .spec import _arm_config, _arm_recipe, _arm_run_dir, _cell_name, _in_cell, grid_cells, load_study
 
 
@@ -26,15 +26,9 @@ def _prediction_keys(path: Path) -> set[str]:
 def _run_progress(run_dir: Path, values: dict) -> dict:
     """An unfinished training folder: live owner, validations replayed through the arm's own selection rule."""
     state = {"state": "pending"}
-    lock = run_dir / "train.lock"
-    if lock.exists():
-        fields = lock.read_text().split()
-        try:
-            pid, started = int(fields[0]), (fields[1] if len(fields) > 1 else None)
-        except (ValueError, IndexError):
-            pid, started = 0, None
-        if pid and _process_alive(pid, started):
-            state.update(state="training", pid=pid)
+    owner = lock_owner(run_dir / "train.lock")
+    if owner is not None:
+        state.update(state="training", pid=owner)
     checkpoints = run_dir / "checkpoints"
     if state["state"] == "pending" and (run_dir / "metrics.json").exists():
         state["state"] = "trained"  # its predictions are made when the study next reaches the cell
@@ -49,12 +43,8 @@ def _run_progress(run_dir: Path, values: dict) -> dict:
                     rows[int(row["step"])] = (float(row["epoch"]), {k: float(v) for k, v in row.items()})
                 except (KeyError, TypeError, ValueError):  # a short row's missing fields read None
                     continue
-    if rows:
-        optim = values.get("optim", {})
-        selection = Selection(metric=values.get("eval", {}).get("select", "nll_ts"),
-                              patience=int(optim.get("patience", 0)), lr_patience=int(optim.get("lr_patience", 0)),
-                              lr_decay=float(optim.get("lr_decay", 0.2)),
-                              min_delta=float(optim.get("min_delta", 0.0)))
+    selection = selection_for(config_from_dict(values))  # the rule training applies, defaults included
+    if rows and selection is not None:
         try:
             for step in sorted(rows):
                 selection.update(step, rows[step][0], rows[step][1])

@@ -161,6 +161,11 @@ def plus_minus(stat: dict, digits: int, signed: bool = False) -> str:
     return f"{stat['mean']:{'+' if signed else ''}.{digits}f} ± {std:.{digits}f}"
 
 
+def gap_text(gap: dict, metric: str) -> str:
+    """'+1.28 ± 0.29 (win)': a gap with its seed spread (2 decimals for top-1, 3 otherwise) and its verdict."""
+    return f"{plus_minus(gap[metric], 2 if metric == 'top1' else 3, signed=True)} ({gap[metric]['verdict']})"
+
+
 def _recommendation(summary: dict, costs: dict, title: str, exclude: frozenset = frozenset(),
                     not_run: list[str] | tuple = ()) -> list[str]:
     """Issue 15's default: the cheapest DiDiCM row that matches the headline (CP-8 of the full network) within seed
@@ -181,10 +186,7 @@ def _recommendation(summary: dict, costs: dict, title: str, exclude: frozenset =
         if matches and match is None:
             match = row
         table.append({"row": row, "cost": round(costs[row], 2), "saves": f"{head_cost / costs[row]:.1f}x",
-                      "CP-8 minus row, top-1": f"{plus_minus(gap['top1'], 2, signed=True)} "
-                                               f"({gap['top1']['verdict']})",
-                      "nll_ts": f"{plus_minus(gap['nll_ts'], 3, signed=True)} "
-                                f"({gap['nll_ts']['verdict']})",
+                      "CP-8 minus row, top-1": gap_text(gap, "top1"), "nll_ts": gap_text(gap, "nll_ts"),
                       "matches": matches})
     seeds = len(summary["seeds"])
     summary["recommendation"] = {"row": match, "cost": round(costs[match], 2) if match else None,
@@ -198,10 +200,8 @@ def _recommendation(summary: dict, costs: dict, title: str, exclude: frozenset =
         arms = {r: i["arm"] for cell_rows in summary.get("_rows", []) for r, i in cell_rows.items()}
         text = (f"Recommended in this setting: `{match}` (arm `{arms.get(match, match)}`), the cheapest DiDiCM row "
                 f"that is not worse than the headline beyond seed noise ({round(costs[match], 2)} twin passes against "
-                f"{round(head_cost, 2)}; headline minus it: top-1 {plus_minus(gap['top1'], 2, signed=True)} "
-                f"({gap['top1']['verdict']}), NLL after scaling "
-                f"{plus_minus(gap['nll_ts'], 3, signed=True)} ({gap['nll_ts']['verdict']}); "
-                f"{seeds} seeds).{pending}")
+                f"{round(head_cost, 2)}; headline minus it: top-1 {gap_text(gap, 'top1')}, NLL after scaling "
+                f"{gap_text(gap, 'nll_ts')}; {seeds} seeds).{pending}")
     else:
         text = (f"No cheaper DiDiCM row {'run so far ' if not_run else ''}matches the headline within seed noise in "
                 f"this setting.{pending} What each saves and loses:")

@@ -24,7 +24,16 @@ from ..report import (
 from .cells import _load_predictions
 from .scores import _as_saved
 from .spec import HEADLINE, SIGNALS, _cell_name, _in_cell
-from .summary import _best_control, _cell_cost, _controls, _recommendation, _summaries, plus_minus, row_costs
+from .summary import (
+    _best_control,
+    _cell_cost,
+    _controls,
+    _recommendation,
+    _summaries,
+    gap_text,
+    plus_minus,
+    row_costs,
+)
 
 
 def aggregate(spec: dict, command: str) -> dict:
@@ -132,7 +141,8 @@ def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], 
             if "nll_ts" not in stats or row not in costs:
                 continue
             table.append({"row": row, "cost (twin passes, FLOPs)": round(costs[row], 2),
-                          "top1": _fmt(stats["top1"]), "nll_ts": _fmt(stats["nll_ts"], 3), "seeds": stats["seeds"]})
+                          "top1": plus_minus(stats["top1"], 2), "nll_ts": plus_minus(stats["nll_ts"], 3),
+                          "seeds": stats["seeds"]})
             points[row] = (costs[row], stats["top1"]["mean"], stats["top1"]["std"], stats["nll_ts"]["mean"])
         title = f"{key[0]} px, data ratio {key[1]:g}"
         lines += [markdown_table(table, title=f"Accuracy-compute frontier, {title} (test split, mean ± std over "
@@ -146,10 +156,6 @@ def _frontier(spec: dict, summaries: list[dict], out: Path) -> tuple[list[str], 
         name = f"frontier_res{key[0]}_ratio{key[1]:g}.png"
         figures.append(str(plot_frontier(points, out / name, title=f"frontier: {title}")))
     return lines, figures
-
-
-def _fmt(stat: dict, digits: int = 2) -> str:
-    return f"{plus_minus(stat, digits)}"
 
 
 def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) -> str:
@@ -181,7 +187,7 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
                                    ("ece", 3), ("aurc", 4), ("acc_at_90", 2), ("auroc_digits_maxprob", 3),
                                    ("auroc_noise_maxprob", 3), ("at_floor", 2)):
                 if metric in stats:
-                    entry[metric] = _fmt(stats[metric], digits)
+                    entry[metric] = plus_minus(stats[metric], digits)
             rows.append(entry)
         lines += [markdown_table(rows, title=f"{key} (test split, mean ± std over seeds)"), ""]
         if summary["gaps"]:
@@ -276,10 +282,10 @@ def _signal_tables(summaries: list[dict]) -> list[str]:
     for summary in summaries:
         rows = []
         for row, stats in summary["rows"].items():
-            entry = {"row": row, "aurc": _fmt(stats["aurc"], 4)}
+            entry = {"row": row, "aurc": plus_minus(stats["aurc"], 4)}
             for metric in SIGNALS:
                 if metric in stats:
-                    entry[metric.replace("auroc_", "")] = _fmt(stats[metric], 3)
+                    entry[metric.replace("auroc_", "")] = plus_minus(stats[metric], 3)
             rows.append(entry)
         out += [markdown_table(rows, title=f"{summary['resolution']} px, data ratio {summary['data_ratio']:g}"), ""]
     return out
@@ -315,9 +321,8 @@ def _findings(study: dict, headline: str) -> list[str]:
                 f"({twin['nll_ts']['verdict']})")
         if best and best != "twin":
             b = gaps[best]
-            text += (f"; against the best control (`{best}`), top-1 {plus_minus(b['top1'], 2, signed=True)}"
-                     f" ({b['top1']['verdict']}), NLL after scaling {plus_minus(b['nll_ts'], 3, signed=True)} "
-                     f"({b['nll_ts']['verdict']})")
+            text += (f"; against the best control (`{best}`), top-1 {gap_text(b, 'top1')}, NLL after scaling "
+                     f"{gap_text(b, 'nll_ts')}")
         head = summary["rows"].get(HEADLINE, {})
         if "at_floor" in head and head["at_floor"]["mean"] > 0:
             text += (f". {headline} gives the true class probability 0 (the NLL floor, {-math.log(NLL_FLOOR):.2f} "
@@ -329,8 +334,7 @@ def _findings(study: dict, headline: str) -> list[str]:
         if exponential in gaps:
             e = gaps[exponential]
             text += (f"; minus the same network with the exponential update (`{exponential}`): top-1 "
-                     f"{plus_minus(e['top1'], 2, signed=True)} ({e['top1']['verdict']}), NLL after "
-                     f"scaling {plus_minus(e['nll_ts'], 3, signed=True)} ({e['nll_ts']['verdict']})")
+                     f"{gap_text(e, 'top1')}, NLL after scaling {gap_text(e, 'nll_ts')}")
         out.append(text + ".")
     if not out:
         out.append("- No cell has both DiDiCM and its twin yet.")
@@ -341,11 +345,6 @@ def _verdict_counts(tally: Counter) -> str:
     """'wins in 1, ties in 6, loses in 1' (with how many settings had one seed), from a Counter of verdicts."""
     return (f"wins in {tally['win']}, ties in {tally['tie']}, loses in {tally['loss']}"
             + (f" ({tally['one seed']} with one seed)" if tally["one seed"] else ""))
-
-
-def _gap_text(gap: dict, metric: str) -> str:
-    digits = 2 if metric == "top1" else 3
-    return f"{plus_minus(gap[metric], digits, signed=True)} ({gap[metric]['verdict']})"
 
 
 def _secondary(study: dict, headline: str) -> list[str]:
@@ -382,8 +381,8 @@ def _secondary(study: dict, headline: str) -> list[str]:
             for control, gap in versus.items():
                 name = "twin" if control == "twin" else f"best control `{control}`"
                 fewer = f" [{gap['top1']['n']} seed]" if gap["top1"]["n"] < seeds else ""  # paired on fewer seeds
-                entry[f"minus {name}, top-1"] = _gap_text(gap, "top1") + fewer
-                entry[f"minus {name}, nll_ts"] = _gap_text(gap, "nll_ts") + fewer
+                entry[f"minus {name}, top-1"] = gap_text(gap, "top1") + fewer
+                entry[f"minus {name}, nll_ts"] = gap_text(gap, "nll_ts") + fewer
             table.append(entry)
         lines += [markdown_table(table, title=f"{summary['resolution']} px, data ratio {summary['data_ratio']:g}: "
                                               "DiDiCM's other rows minus the controls"), ""]

@@ -144,12 +144,8 @@ def _take_lock(mine: Path, path: Path, run_dir: Path) -> None:
             os.link(mine, path)
             return
         except FileExistsError:
-            try:
-                fields = path.read_text().split()
-                owner, started = int(fields[0]), (fields[1] if len(fields) > 1 else None)
-            except (OSError, ValueError, IndexError):
-                owner, started = 0, None
-            if owner and owner != os.getpid() and _process_alive(owner, started):
+            owner = lock_owner(path)
+            if owner is not None and owner != os.getpid():
                 raise ConfigError(f"{run_dir} is being trained by process {owner} (its lock: {path}); wait for it, "
                                   "stop it, or train into another output folder") from None
             path.unlink(missing_ok=True)  # left by a process that is gone
@@ -162,6 +158,23 @@ def _take_lock(mine: Path, path: Path, run_dir: Path) -> None:
                 handle.write(mine.read_text())
             return
     raise ConfigError(f"could not take the training lock {path}")
+
+
+def lock_owner(path: Path) -> int | None:
+    """The PID of the live process holding the training lock at ``path``; None when there is no lock, it cannot be
+    read, or its owner is gone (a dead process, or a PID since reused by another one)."""
+    try:
+        fields = path.read_text().split()
+        owner, started = int(fields[0]), (fields[1] if len(fields) > 1 else None)
+    except (OSError, ValueError, IndexError):
+        return None
+    return owner if owner and _process_alive(owner, started) else None
+
+
+def selection_for(cfg) -> Selection | None:
+    """The model-selection rule of a training config (None without ``eval.select``)."""
+    o = cfg.optim
+    return Selection(cfg.eval.select, o.patience, o.lr_patience, o.lr_decay, o.min_delta) if cfg.eval.select else None
 
 
 def _process_start(pid: int) -> str | None:
@@ -261,8 +274,7 @@ def _train(config: TrainConfig, resume: bool, progress: bool, log, fault_after_s
     total_steps = o.steps if o.epochs is None else math.ceil(o.epochs * steps_per_epoch)
     warmup_steps = o.warmup_steps if o.warmup_epochs is None else round(o.warmup_epochs * steps_per_epoch)
     interval = _validation_interval(cfg, steps_per_epoch)
-    selection = Selection(cfg.eval.select, o.patience, o.lr_patience, o.lr_decay, o.min_delta) \
-        if cfg.eval.select else None
+    selection = selection_for(cfg)
     plateau = o.sched == "plateau"
     schedule = None if plateau else LrSchedule(optimizer, cfg, steps_per_epoch, total_steps, warmup_steps, lr)
     ema = ModelEmaV3(model, decay=o.ema_decay, use_warmup=o.ema_warmup, warmup_power=o.ema_warmup_power) \
