@@ -97,6 +97,7 @@ def load_study(path: str | Path) -> dict:
         names |= set(rows)
     for ratio in spec["data_ratios"]:
         _epochs(spec, ratio)
+    _check_extra_seeds(spec)
     spec["_path"] = str(path)
     return spec
 
@@ -112,12 +113,35 @@ def _epochs(spec: dict, ratio: float) -> float:
     return float(budget)
 
 
+def _check_extra_seeds(spec: dict) -> None:
+    """``extra_seeds``: more seeds for some settings only, a list of {resolution, data_ratio, seeds}."""
+    extra = spec.setdefault("extra_seeds", [])
+    if not isinstance(extra, list):
+        raise ConfigError(f"study extra_seeds must be a list of {{resolution, data_ratio, seeds}}, got {extra!r}")
+    for entry in extra:
+        if not isinstance(entry, dict) or set(entry) != {"resolution", "data_ratio", "seeds"}:
+            raise ConfigError(f"each extra_seeds entry needs exactly resolution, data_ratio and seeds, got {entry!r}")
+        if entry["resolution"] not in spec["resolutions"] or not any(
+                math.isclose(float(entry["data_ratio"]), float(q)) for q in spec["data_ratios"]):
+            raise ConfigError(f"extra_seeds entry {entry!r} names a setting outside the grid (resolutions "
+                              f"{spec['resolutions']}, data ratios {spec['data_ratios']})")
+        seeds = entry["seeds"]
+        if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+            raise ConfigError(f"extra_seeds entry {entry!r}: seeds must be a list of integers")
+        if set(seeds) & set(spec["seeds"]):
+            raise ConfigError(f"extra_seeds entry {entry!r} repeats seeds the whole grid already runs "
+                              f"({spec['seeds']})")
+
+
 def grid_cells(spec: dict) -> list[tuple[int, float, int]]:
     """Every (resolution, data ratio, seed) cell in the order the grid runs them."""
+    cells = {(r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]}
+    for entry in spec.get("extra_seeds", []):
+        ratio = next(q for q in spec["data_ratios"] if math.isclose(float(entry["data_ratio"]), float(q)))
+        cells |= {(entry["resolution"], ratio, s) for s in entry["seeds"]}
     # cheapest first (pixels x data), every seed of a setting together: verdicts need two seeds, and low
     # resolution with little data finishes in minutes, so results land early
-    return sorted(((r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]),
-                  key=lambda c: (c[0] * c[0] * c[1], c[0], c[2]))
+    return sorted(cells, key=lambda c: (c[0] * c[0] * c[1], c[0], c[2]))
 
 
 def _cell_name(resolution: int, ratio: float, seed: int) -> str:

@@ -23,7 +23,7 @@ from ..report import (
 )
 from .cells import _load_predictions
 from .scores import _as_saved
-from .spec import HEADLINE, SIGNALS, _cell_name, _in_cell
+from .spec import HEADLINE, SIGNALS, _cell_name, _in_cell, grid_cells
 from .summary import (
     _best_control,
     _cell_cost,
@@ -166,7 +166,7 @@ def _report(spec: dict, study: dict, figures: list[str], frontier: list[str]) ->
              + ("the network sees R x R images, as the official `--input-size R`" if spec["protocol"] == "resize"
                 else "images area-downsampled to R x R and resized back") + ").",
              f"Commits: {', '.join(f'`{c[:12]}`' for c in study['commits'])}. Devices: {', '.join(study['devices'])}.",
-             f"{len(cells)} of {len(spec['resolutions']) * len(spec['data_ratios']) * len(spec['seeds'])} cells "
+             f"{len(cells)} of {len(grid_cells(spec))} cells "
              "have results; a cell lists the arms finished so far.", "",
              "Every arm trains by one rule: at most the epoch budget, validation after every interval, the weights of "
              f"the best validation {spec['base'].get('eval', {}).get('select', 'metric')} kept, learning rate decayed "
