@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+
+from didicm.study import load_study
+from didicm.study.spec import grid_cells
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "fashion-mnist"
 STUDY = json.loads((RESULTS / "study.json").read_text()) if (RESULTS / "study.json").exists() else None
@@ -83,8 +85,7 @@ def test_the_report_counts_the_cells_that_study_json_holds():
     report = (RESULTS / "report.md").read_text()
     held = re.search(r"(\d+) of (\d+) cells have results", report)
     names = {_cell_name(c) for c in STUDY["cells"]}
-    config = yaml.safe_load((RESULTS.parents[1] / STUDY["config"]).read_text())
-    total = len(config["resolutions"]) * len(config["data_ratios"]) * len(config["seeds"])
+    total = len(grid_cells(load_study(RESULTS.parents[1] / STUDY["config"])))
     assert held and (int(held.group(1)), int(held.group(2))) == (len(names), total)
     files = {p.stem for p in (RESULTS / "predictions").glob("*.npz")}
     assert files == names

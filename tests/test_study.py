@@ -372,6 +372,31 @@ def test_where_places_an_arm_in_the_settings_it_names():
     assert placed["hardest"] == [(7, 0.02)]
 
 
+def test_extra_seeds_add_cells_to_the_settings_they_name_only_and_bad_entries_are_named(tmp_path):
+    from didicm.errors import ConfigError
+    from didicm.study import load_study
+    from didicm.study.spec import grid_cells
+    config = tmp_path / "study.yaml"
+    spec = json.loads(json.dumps(dict(STUDY, data_ratios=[0.5, 0.25], epochs={0.5: 3, 0.25: 3},
+                                      output=str(tmp_path / "out"))))
+    config.write_text(yaml.safe_dump(spec))
+    plain = grid_cells(load_study(config))
+    config.write_text(yaml.safe_dump(dict(spec, extra_seeds=[{"resolution": 4, "data_ratio": 0.25, "seeds": [2, 3]}])))
+    cells = grid_cells(load_study(config))
+    assert sorted(set(cells) - set(plain)) == [(4, 0.25, 2), (4, 0.25, 3)] and set(plain) <= set(cells)
+    assert len(cells) == len(plain) + 2
+    # a setting's seeds run together, cheapest setting first
+    assert cells[:4] == [(4, 0.25, 0), (4, 0.25, 1), (4, 0.25, 2), (4, 0.25, 3)]
+    for entry, message in [({"resolution": 5, "data_ratio": 0.25, "seeds": [2]}, "outside the grid"),
+                           ({"resolution": 4, "data_ratio": 0.3, "seeds": [2]}, "outside the grid"),
+                           ({"resolution": 4, "data_ratio": 0.25, "seeds": [1, 2]}, "repeats seeds"),
+                           ({"resolution": 4, "data_ratio": 0.25, "seeds": "2"}, "list of integers"),
+                           ({"resolution": 4, "seeds": [2]}, "exactly resolution, data_ratio and seeds")]:
+        config.write_text(yaml.safe_dump(dict(spec, extra_seeds=[entry])))
+        with pytest.raises(ConfigError, match=message):
+            load_study(config)
+
+
 def test_the_steps_figure_draws_only_the_headline_samplers_family(tmp_path, monkeypatch):
     import didicm.study.writeup as writeup
     drawn = {}
