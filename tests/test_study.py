@@ -389,6 +389,7 @@ def test_extra_seeds_add_cells_to_the_settings_they_name_only_and_bad_entries_ar
     assert cells[:4] == [(4, 0.25, 0), (4, 0.25, 1), (4, 0.25, 2), (4, 0.25, 3)]
     for entry, message in [({"resolution": 5, "data_ratio": 0.25, "seeds": [2]}, "outside the grid"),
                            ({"resolution": 4, "data_ratio": 0.3, "seeds": [2]}, "outside the grid"),
+                           ({"resolution": 4, "data_ratio": "half", "seeds": [2]}, "outside the grid"),
                            ({"resolution": 4, "data_ratio": 0.25, "seeds": [1, 2]}, "repeats seeds"),
                            ({"resolution": 4, "data_ratio": 0.25, "seeds": "2"}, "list of integers"),
                            ({"resolution": 4, "seeds": [2]}, "exactly resolution, data_ratio and seeds")]:

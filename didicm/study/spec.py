@@ -121,10 +121,12 @@ def _check_extra_seeds(spec: dict) -> None:
     for entry in extra:
         if not isinstance(entry, dict) or set(entry) != {"resolution", "data_ratio", "seeds"}:
             raise ConfigError(f"each extra_seeds entry needs exactly resolution, data_ratio and seeds, got {entry!r}")
-        if entry["resolution"] not in spec["resolutions"] or not any(
-                math.isclose(float(entry["data_ratio"]), float(q)) for q in spec["data_ratios"]):
+        ratio = [q for q in spec["data_ratios"] if isinstance(entry["data_ratio"], (int, float))
+                 and math.isclose(float(entry["data_ratio"]), float(q))]
+        if entry["resolution"] not in spec["resolutions"] or not ratio:
             raise ConfigError(f"extra_seeds entry {entry!r} names a setting outside the grid (resolutions "
                               f"{spec['resolutions']}, data ratios {spec['data_ratios']})")
+        entry["data_ratio"] = ratio[0]  # the grid's own value, so its cells are the grid's
         seeds = entry["seeds"]
         if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
             raise ConfigError(f"extra_seeds entry {entry!r}: seeds must be a list of integers")
@@ -136,9 +138,8 @@ def _check_extra_seeds(spec: dict) -> None:
 def grid_cells(spec: dict) -> list[tuple[int, float, int]]:
     """Every (resolution, data ratio, seed) cell in the order the grid runs them."""
     cells = {(r, q, s) for s in spec["seeds"] for q in spec["data_ratios"] for r in spec["resolutions"]}
-    for entry in spec.get("extra_seeds", []):
-        ratio = next(q for q in spec["data_ratios"] if math.isclose(float(entry["data_ratio"]), float(q)))
-        cells |= {(entry["resolution"], ratio, s) for s in entry["seeds"]}
+    for entry in spec["extra_seeds"]:  # checked by load_study: each names a setting of the grid
+        cells |= {(entry["resolution"], entry["data_ratio"], s) for s in entry["seeds"]}
     # cheapest first (pixels x data), every seed of a setting together: verdicts need two seeds, and low
     # resolution with little data finishes in minutes, so results land early
     return sorted(cells, key=lambda c: (c[0] * c[0] * c[1], c[0], c[2]))
